@@ -1,0 +1,69 @@
+"""Feature extraction speed of `groupdiff fid` against torch-fidelity called directly.
+
+Both run torch-fidelity's Inception on the same images (an ADM-style npz of 256px
+images) with the same batch size; ours also extracts the sFID features and hashes
+every image. Runs alternate so that machine noise hits both alike.
+
+    python bench/fid_bench.py [--images 100] [--batch-size 50] [--repeats 2]
+
+Target (issue 6): ours >= 0.95x torch-fidelity's images/s.
+Weights are random (nothing can be downloaded here); speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groupdiff_cli.fid import InceptionFeatures, NpzImages, extract_features
+from groupdiff_cli.testing import write_random_inception_weights
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch_fidelity
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        weights = write_random_inception_weights(d / "inception.pth")
+        rng = np.random.default_rng(0)
+        np.savez(d / "samples.npz", arr_0=rng.integers(0, 256, (args.images, 256, 256, 3), dtype=np.uint8))
+        images = NpzImages(d / "samples.npz")
+        extractor = InceptionFeatures(weights)
+
+        def ours():
+            extract_features(images, extractor, batch_size=args.batch_size)
+
+        def theirs():
+            torch_fidelity.calculate_metrics(input1=images, isc=True, feature_extractor_weights_path=weights,
+                                             batch_size=args.batch_size, cuda=torch.cuda.is_available(),
+                                             cache=False, verbose=False, save_cpu_ram=True)
+
+        times = {"ours": [], "torch-fidelity": []}
+        ours(), theirs()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("ours", ours), ("torch-fidelity", theirs)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    rate = {k: args.images / statistics.median(v) for k, v in times.items()}
+    print(f"torch {torch.__version__}, torch-fidelity {torch_fidelity.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.images} images 256px, batch {args.batch_size}, median of {args.repeats}")
+    for k, v in rate.items():
+        print(f"{k:>15}: {v:7.2f} img/s")
+    print(f"{'ratio':>15}: {rate['ours'] / rate['torch-fidelity']:7.3f}x (ours / torch-fidelity)")
+
+
+if __name__ == "__main__":
+    main()

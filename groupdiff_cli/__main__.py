@@ -1,0 +1,5 @@
+"""`python -m groupdiff_cli ...` (and `accelerate launch -m groupdiff_cli ...`)."""
+
+from groupdiff_cli.cli import main
+
+main(prog_name="groupdiff")

@@ -1,0 +1,547 @@
+"""FID, sFID, Inception Score, precision/recall and KID, as the ADM evaluator computes them.
+
+Features come from torch-fidelity's ``inception-v3-compat`` network, a port of the
+TensorFlow Inception graph that the ADM evaluator (and so DiT, SiT, REPA and the
+GroupDiff paper) uses:
+
+* pool:    the 2048-d ``pool_3`` features -> FID, precision/recall, KID
+* logits:  the 1008 logits without the fc bias ("unbiased") -> Inception Score
+* spatial: ADM's sFID features, the first 7 channels of the TF graph's
+           ``mixed_6/conv`` output (17x17). ``mixed_6`` is the 7th mixed block of the
+           2015 graph, i.e. torch-fidelity's ``Mixed_6d``, and ``conv`` is that block's
+           first (1x1) branch, whose output is the ReLU of ``branch1x1``. Flattened in
+           TF's NHWC order: 17 * 17 * 7 = 2023 numbers per image.
+
+Protocols (ADM's): statistics in float64; IS in 10 consecutive splits without
+shuffling; precision/recall with k = 3 nearest neighbours on pool features of the
+reference images against the samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
+METRICS = ("fid", "sfid", "isc", "prc", "kid")
+DEFAULT_METRICS = ("fid", "sfid", "isc", "prc")
+SPATIAL_CHANNELS = 7
+POOL_DIM, SPATIAL_DIM = 2048, 17 * 17 * SPATIAL_CHANNELS
+PRC_REFERENCE_COUNT = 10_000  # ADM's reference batches hold 10k images for precision/recall
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+INCEPTION_NAME = "inception-v3-compat"
+
+
+# --------------------------------------------------------------------------- #
+#  Image sources                                                               #
+# --------------------------------------------------------------------------- #
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """An array of an .npz, memory-mapped when it is stored uncompressed (np.savez),
+    so that 50k 256px images (9.8 GB) are never read into memory at once."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED:  # np.savez_compressed: read it whole
+            with zf.open(name) as f:
+                return np.lib.format.read_array(f)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # zip local file header; name and extra-field lengths at 26..30
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {name} holds Python objects, not numbers")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def npz_keys(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+class NpzImages(torch.utils.data.Dataset):
+    """``arr_0`` of an ADM-style .npz: uint8 N x H x W x 3."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            keys = npz_keys(self.path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{self.path}: not a readable .npz ({e})") from None
+        if "arr_0" not in keys:
+            raise ValueError(f"{self.path}: no arr_0 array (found {keys}); expected uint8 N x H x W x 3 images")
+        self.array = _npz_member(self.path, "arr_0.npy")
+        a = self.array
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+            raise ValueError(f"{self.path}: arr_0 is {a.dtype} {a.shape}; expected uint8 N x H x W x 3 images")
+
+    def __len__(self):
+        return self.array.shape[0]
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # copy: memmaps are read-only
+
+    def __str__(self):
+        return str(self.path)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Every image file below a folder, in sorted path order, decoded to RGB."""
+
+    def __init__(self, path):
+        from PIL import Image
+
+        self.path = Path(path)
+        self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise ValueError(f"{self.path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        with Image.open(self.files[0]) as im:
+            self.size = im.size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            if im.size != self.size:
+                raise ValueError(f"{self.files[i]}: {im.size[0]}x{im.size[1]} image among "
+                                 f"{self.size[0]}x{self.size[1]} ones; all images must have one size")
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def __str__(self):
+        return str(self.path)
+
+
+def open_images(path) -> torch.utils.data.Dataset:
+    """An ADM .npz (``arr_0``), a `groupdiff sample` output folder (its ``samples.npz``),
+    or a folder of image files. Items are uint8 CHW tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "samples.npz").is_file():
+            return NpzImages(path / "samples.npz")
+        return FolderImages(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: expected an .npz file or a folder of images")
+    return NpzImages(path)
+
+
+# --------------------------------------------------------------------------- #
+#  Inception features                                                          #
+# --------------------------------------------------------------------------- #
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 (B, 3, H, W) images -> {pool: (B, 2048), logits: (B, 1008), spatial: (B, 2023)}."""
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+        if weights_path is not None:
+            weights_path = str(weights_path)
+            if not os.path.isfile(weights_path):
+                raise ValueError(f"--inception-weights {weights_path}: no such file")
+            try:  # check it is a plain tensor file before torch-fidelity unpickles it
+                torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"--inception-weights {weights_path}: unreadable weights file "
+                                 f"({type(e).__name__})") from None
+        try:
+            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=weights_path)
+        except RuntimeError as e:  # load_state_dict: wrong keys or shapes
+            raise ValueError(f"--inception-weights {weights_path}: not torch-fidelity's Inception weights "
+                             f"({str(e).splitlines()[0]})") from None
+        except Exception as e:  # the download failed (offline machine)
+            if weights_path is not None:
+                raise
+            raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); on an offline machine "
+                             f"pass --inception-weights PATH (torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[-1]})"
+                             ) from None
+        if weights_path is None:
+            weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
+        self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=sha256_file(weights_path))
+        self._spatial = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool, logits = self.net(images)
+        spatial = self._spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(images.shape[0], -1)
+        self._spatial = None
+        return {POOL: pool, LOGITS: logits, SPATIAL: spatial.float()}
+
+
+def image_digests(images: torch.Tensor) -> torch.Tensor:
+    """sha256 of every image's HWC uint8 bytes, as a (B, 32) uint8 tensor."""
+    arr = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return torch.tensor(np.stack([np.frombuffer(hashlib.sha256(a.tobytes()).digest(), np.uint8) for a in arr]))
+
+
+@dataclass
+class Features:
+    pool: np.ndarray
+    logits: np.ndarray
+    spatial: np.ndarray
+    sha256: str  # of the images' pixels, in order: the same for an npz and a folder of the same images
+
+    def __len__(self):
+        return len(self.pool)
+
+
+def _gather(state, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate each rank's rows in rank order (ranks may hold one row fewer)."""
+    if state.num_processes == 1:
+        return t
+    from accelerate.utils import gather
+
+    pad = max(counts) - t.shape[0]
+    t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) if pad else t
+    every = gather(t.to(state.device)).cpu().split(max(counts))
+    return torch.cat([rows[:n] for rows, n in zip(every, counts)])
+
+
+def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100, num_workers: int = 0,
+                     state=None, desc: str = "features") -> Features:
+    """Inception features of every image, in order. Under `accelerate launch` each rank
+    takes a contiguous share and the features are gathered on every rank."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    state = state or PartialState()
+    n = len(images)
+    counts = [n // state.num_processes + (r < n % state.num_processes) for r in range(state.num_processes)]
+    start = sum(counts[: state.process_index])
+    part = torch.utils.data.Subset(images, range(start, start + counts[state.process_index]))
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=state.device.type == "cuda")
+    extractor = extractor.to(state.device).eval()
+    out = {POOL: [], LOGITS: [], SPATIAL: [], "digest": []}
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not state.is_main_process, leave=False)
+    with torch.inference_mode():
+        for batch in loader:
+            feats = extractor(batch.to(state.device, non_blocking=True))
+            for k, v in feats.items():
+                out[k].append(v.cpu())
+            out["digest"].append(image_digests(batch))
+            bar.update(len(batch) * state.num_processes)
+    bar.close()
+    joined = {}
+    for k, v in out.items():
+        local = torch.cat(v) if v else torch.empty(0)
+        joined[k] = _gather(state, local, counts).numpy()
+    return Features(pool=joined[POOL], logits=joined[LOGITS], spatial=joined[SPATIAL],
+                    sha256=hashlib.sha256(joined["digest"].tobytes()).hexdigest())
+
+
+# --------------------------------------------------------------------------- #
+#  Metrics                                                                     #
+# --------------------------------------------------------------------------- #
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance in float64 (the unbiased estimate, as ADM and torch-fidelity)."""
+    f = np.asarray(features, dtype=np.float64)
+    if len(f) < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {len(f)}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+class FrechetDistance:
+    """Frechet distance of Gaussians to one fixed reference, in float64.
+
+    tr sqrt(S1 S2) is computed as the sum of the square roots of the eigenvalues of
+    the symmetric R S1 R with R = S2^(1/2) (similar to S1 S2), which is stabler and
+    several times faster than a general sqrtm; R is computed once per reference so
+    that bootstrap resamples cost one symmetric eigen-decomposition each.
+    """
+
+    def __init__(self, mu_ref: np.ndarray, sigma_ref: np.ndarray):
+        self.mu = np.asarray(mu_ref, dtype=np.float64)
+        self.sigma = np.asarray(sigma_ref, dtype=np.float64)
+        if self.mu.ndim != 1 or self.sigma.shape != (len(self.mu), len(self.mu)):
+            raise ValueError(f"reference statistics have mismatched shapes: mu {self.mu.shape}, "
+                             f"sigma {self.sigma.shape}")
+        self.root = _psd_sqrt(self.sigma)
+
+    def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> float:
+        mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+        if mu.shape != self.mu.shape or sigma.shape != self.sigma.shape:
+            raise ValueError(f"feature dimensions differ: samples have {mu.shape[0]}, "
+                             f"the reference has {self.mu.shape[0]}")
+        m = self.root @ sigma @ self.root
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+        diff = mu - self.mu
+        return float(diff @ diff + np.trace(sigma) + np.trace(self.sigma) - 2 * tr_covmean)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    return FrechetDistance(mu2, sigma2)(mu1, sigma1)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """ADM's protocol: softmax of the unbiased logits, consecutive splits, no shuffling."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    out = isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits=min(splits, len(logits)), shuffle=False)
+    return out["inception_score_mean"], out["inception_score_std"]
+
+
+def precision_recall(sample_pool: np.ndarray, ref_pool: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al.), k-NN radii, `<=` as ADM."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(torch.from_numpy(np.asarray(sample_pool)), torch.from_numpy(np.asarray(ref_pool)),
+                                 prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return out["precision"], out["recall"]
+
+
+def kernel_inception_distance(sample_pool, ref_pool, seed: int = 0) -> tuple[float, float]:
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(1000, len(sample_pool), len(ref_pool))
+    out = kid_features_to_metric(torch.from_numpy(np.asarray(sample_pool)), torch.from_numpy(np.asarray(ref_pool)),
+                                 kid_subsets=100, kid_subset_size=size, kid_degree=3, kid_gamma=None, kid_coef0=1,
+                                 kid_kernel="poly", rng_seed=seed, verbose=False)
+    return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
+
+
+def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0) -> dict:
+    """FID over ``rounds`` resamples (with replacement) of the samples.
+
+    Group-mates are correlated, so whole blocks of ``block`` consecutive samples (one
+    group) are resampled together; with block = 1 every image is drawn on its own.
+    Returns the mean, standard deviation and the 2.5/97.5 percentiles.
+    """
+    n = len(pool)
+    if block < 1 or n % block:
+        raise ValueError(f"--bootstrap-block {block} does not divide the {n} samples")
+    blocks = np.asarray(pool, dtype=np.float64).reshape(n // block, block, -1)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        f = blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1)
+        values.append(fd(*gaussian_stats(f)))
+    values = np.asarray(values)
+    return dict(rounds=rounds, block=block, mean=float(values.mean()), std=float(values.std(ddof=1)),
+                ci95=[float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))])
+
+
+# --------------------------------------------------------------------------- #
+#  References                                                                  #
+# --------------------------------------------------------------------------- #
+@dataclass
+class Reference:
+    """What a metric needs of the reference: Gaussian statistics (pool and spatial)
+    and, for precision/recall and KID, pool features of reference images."""
+
+    source: str
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+    pool: np.ndarray | None = None  # features of (at most 10k) reference images
+    images: torch.utils.data.Dataset | None = None  # images to get `pool` from, on demand
+    count: int | None = None  # images behind the statistics, when known
+    sha256: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def has(self, metric: str) -> bool:
+        return {
+            "fid": self.mu is not None,
+            "sfid": self.mu_s is not None,
+            "isc": True,
+            "prc": self.pool is not None or self.images is not None,
+            "kid": self.pool is not None or self.images is not None,
+        }[metric]
+
+
+def _subset_for_prc(n: int, seed: int = 0) -> np.ndarray:
+    if n <= PRC_REFERENCE_COUNT:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, PRC_REFERENCE_COUNT, replace=False))
+
+
+def reference_from_features(source: str, feats: Features) -> Reference:
+    mu, sigma = gaussian_stats(feats.pool)
+    mu_s, sigma_s = gaussian_stats(feats.spatial)
+    return Reference(source=source, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
+                     pool=feats.pool[_subset_for_prc(len(feats))], count=len(feats), sha256=feats.sha256)
+
+
+def load_reference_stats(path: Path) -> Reference:
+    """An ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0) or a file written by
+    ``save_reference``: (mu, sigma, mu_s, sigma_s, pool)."""
+    keys = npz_keys(path)
+    ref = Reference(source=str(path), sha256=sha256_file(path))
+    for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        if k in keys:
+            setattr(ref, k, np.array(_npz_member(path, f"{k}.npy")))
+    if "count" in keys:
+        ref.count = int(np.array(_npz_member(path, "count.npy")))
+    if ref.pool is None and "arr_0" in keys:
+        ref.images = NpzImages(path)
+    if ref.sigma is None or ref.mu is None:
+        raise ValueError(f"{path}: statistics file without both mu and sigma")
+    return ref
+
+
+def save_reference(ref: Reference, path) -> None:
+    """Write reference statistics (and the pool features for P/R) atomically."""
+    path = Path(path)
+    arrays = {k: getattr(ref, k) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if getattr(ref, k) is not None}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, count=np.int64(ref.count or 0), **arrays)
+    os.replace(tmp, path)
+
+
+def is_stats_file(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".npz" and "mu" in npz_keys(path)
+
+
+# --------------------------------------------------------------------------- #
+#  The whole evaluation                                                        #
+# --------------------------------------------------------------------------- #
+def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None, batch_size: int = 100,
+             num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
+             seed: int = 0, cpu: bool = False, explicit_metrics: bool = True) -> dict:
+    """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
+    the provenance (counts, hashes, feature extractor and weights) as a dict.
+
+    With ``explicit_metrics=False`` (the default metric set) a metric the reference
+    cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
+    instead of being an error.
+    """
+    from accelerate import PartialState
+
+    from groupdiff_cli import __version__
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"--metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    images = open_images(samples)
+    if len(images) < 2:
+        raise ValueError(f"{samples}: {len(images)} image(s); metrics need at least 2")
+    ref_path = Path(reference)
+    if not ref_path.exists():
+        raise FileNotFoundError(f"{ref_path}: no such file or folder")
+    if save_ref_stats and is_stats_file(ref_path):
+        raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
+
+    extractor = InceptionFeatures(inception_weights)
+    notes = []
+    if is_stats_file(ref_path):
+        ref = load_reference_stats(ref_path)
+        for name, arr, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
+            if arr is not None and arr.shape != (dim,):
+                raise ValueError(f"feature dimensions differ: samples have {dim}, the reference {ref_path} "
+                                 f"has {name} of shape {arr.shape}")
+    else:
+        ref_images = open_images(ref_path)
+        if len(ref_images) < 2:
+            raise ValueError(f"{ref_path}: {len(ref_images)} image(s); a reference needs at least 2")
+        ref = reference_from_features(str(ref_path), extract_features(ref_images, extractor, batch_size,
+                                                                       num_workers, state, "reference"))
+        if save_ref_stats and state.is_main_process:
+            save_reference(ref, save_ref_stats)
+    chosen = []
+    for m in metrics:
+        if ref.has(m):
+            chosen.append(m)
+        elif explicit_metrics:
+            raise ValueError(f"--metrics {m}: the reference {ref_path} lacks what it needs "
+                             f"({'mu_s/sigma_s' if m == 'sfid' else 'images or pool features'})")
+        else:
+            notes.append(f"{m} skipped: the reference lacks {'mu_s/sigma_s' if m == 'sfid' else 'images'}")
+    if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
+        ref_feats = extract_features(ref.images, extractor, batch_size, num_workers, state, "reference images")
+        ref.pool = ref_feats.pool
+
+    feats = extract_features(images, extractor, batch_size, num_workers, state, "samples")
+    results: dict = {}
+    fd = FrechetDistance(ref.mu, ref.sigma)
+    if "fid" in chosen:
+        results["fid"] = fd(*gaussian_stats(feats.pool))
+        if bootstrap:
+            results["fid_bootstrap"] = bootstrap_fid(feats.pool, fd, bootstrap, bootstrap_block, seed)
+    if "sfid" in chosen:
+        results["sfid"] = frechet_distance(*gaussian_stats(feats.spatial), ref.mu_s, ref.sigma_s)
+    if "isc" in chosen:
+        results["isc"], results["isc_std"] = inception_score(feats.logits)
+    if "prc" in chosen:
+        results["precision"], results["recall"] = precision_recall(feats.pool, ref.pool)
+    if "kid" in chosen:
+        results["kid"], results["kid_std"] = kernel_inception_distance(feats.pool, ref.pool, seed)
+    import torch_fidelity
+
+    return dict(
+        metrics=results,
+        notes=notes,
+        samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
+        reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
+                       prc_images=None if ref.pool is None else len(ref.pool)),
+        feature_extractor=dict(**extractor.weights, torch_fidelity=torch_fidelity.__version__),
+        processes=state.num_processes,
+        groupdiff=__version__,
+    )
+
+
+def format_table(report: dict) -> str:
+    m = report["metrics"]
+    rows = []
+    if "fid" in m:
+        rows.append(("FID", f"{m['fid']:.4f}"))
+    if "fid_bootstrap" in m:
+        b = m["fid_bootstrap"]
+        rows.append((f"FID 95% CI ({b['rounds']} resamples, block {b['block']})",
+                     f"[{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]  std {b['std']:.4f}"))
+    if "sfid" in m:
+        rows.append(("sFID", f"{m['sfid']:.4f}"))
+    if "isc" in m:
+        rows.append(("Inception Score", f"{m['isc']:.4f} +- {m['isc_std']:.4f}"))
+    if "precision" in m:
+        rows.append(("Precision", f"{m['precision']:.4f}"))
+        rows.append(("Recall", f"{m['recall']:.4f}"))
+    if "kid" in m:
+        rows.append(("KID", f"{m['kid']:.6f} +- {m['kid_std']:.6f}"))
+    s, r = report["samples"], report["reference"]
+    rows.append(("samples", f"{s['count']} images  sha256 {s['sha256'][:16]}"))
+    rows.append(("reference", f"{r['path']}" + (f"  ({r['count']} images)" if r["count"] else "")))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join([f"{k.ljust(w)}  {v}" for k, v in rows] + [f"note: {n}" for n in report["notes"]])
+
+
+def write_json_atomic(obj, path) -> None:
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,245 @@
+"""`groupdiff fid`: closed forms, input equivalences, ADM reference handling, bad input.
+
+The Inception network is torch-fidelity's real one, with random weights written to a
+file and loaded through --inception-weights (nothing can be downloaded here)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from groupdiff_cli import fid
+from groupdiff_cli.cli import main
+from groupdiff_cli.testing import write_random_inception_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- closed forms
+def random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_matches_sqrtm_formula_and_torch_fidelity():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    d = 64
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = random_spd(rng, d), random_spd(rng, d)
+    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    textbook = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+    theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    assert ours == pytest.approx(textbook, rel=1e-9)
+    assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
+    assert ours == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square_norm():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+    mu, sigma = fid.gaussian_stats(feats)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    shift = rng.normal(size=16)
+    assert fid.frechet_distance(*fid.gaussian_stats(feats + shift), mu, sigma) == pytest.approx(shift @ shift, rel=1e-7)
+
+
+def test_inception_score_uses_consecutive_splits_without_shuffling():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(100, 7)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for chunk in np.split(p, 10):  # 10 consecutive splits of 10, in order
+        kl = (chunk * (np.log(chunk) - np.log(chunk.mean(0, keepdims=True)))).sum(1).mean()
+        scores.append(np.exp(kl))
+    mean, std = fid.inception_score(logits.astype(np.float32))
+    assert mean == pytest.approx(np.mean(scores), rel=1e-5) and std == pytest.approx(np.std(scores), rel=1e-4)
+    # order matters (no shuffle): sorting the rows changes the splits
+    assert fid.inception_score(logits[np.argsort(logits[:, 0])].astype(np.float32))[0] != pytest.approx(mean)
+
+
+def test_precision_recall_of_a_set_against_itself_is_one():
+    feats = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
+    assert fid.precision_recall(feats, feats) == (1.0, 1.0)
+    far = feats + 100
+    assert fid.precision_recall(far, feats) == (0.0, 0.0)
+
+
+def test_bootstrap_resamples_whole_blocks():
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(64, 4))
+    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(200, 4))))
+    a = fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
+    assert a == fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
+    assert a["ci95"][0] <= a["mean"] <= a["ci95"][1] and a["std"] > 0
+    with pytest.raises(ValueError, match="--bootstrap-block 5 does not divide the 64 samples"):
+        fid.bootstrap_fid(feats, fd, rounds=2, block=5)
+
+
+# ----------------------------------------------------------------------------- real Inception, random weights
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fid")
+    weights = write_random_inception_weights(d / "inception.pth")
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    ref = np.clip(rng.normal(100, 40, (10, 32, 32, 3)), 0, 255).astype(np.uint8)
+    np.savez(d / "samples.npz", arr_0=samples)
+    np.savez(d / "ref.npz", arr_0=ref)
+    folder = d / "folder"
+    folder.mkdir()
+    for i, img in enumerate(samples):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
+    sample_dir = d / "sample_dir"  # as `groupdiff sample` writes it: grids must be ignored
+    sample_dir.mkdir()
+    np.savez(sample_dir / "samples.npz", arr_0=samples, arr_1=np.zeros(8, np.int64))
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sample_dir / "grid_0000.png")
+    return dict(dir=d, weights=weights, samples=samples, ref=ref)
+
+
+def run_fid(*args):
+    res = CliRunner().invoke(main, ["fid", *map(str, args)])
+    return res
+
+
+def test_spatial_features_are_mixed_6d_1x1_first_7_channels_in_nhwc(data):
+    ext = fid.InceptionFeatures(data["weights"]).eval()
+    raw = {}
+    ext.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: raw.setdefault("x", o.clone()))
+    images = torch.from_numpy(data["samples"][:2]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        out = ext(images)
+    x = raw["x"]
+    assert x.shape == (2, 192, 17, 17)
+    assert out["spatial"].shape == (2, 2023) and out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    h, w, c = 5, 11, 3
+    assert out["spatial"][1, (h * 17 + w) * 7 + c] == x[1, c, h, w]
+    assert torch.equal(out["spatial"], x[:, :7].permute(0, 2, 3, 1).reshape(2, -1))
+    assert torch.all(x >= 0)  # the ReLU output
+
+
+def test_npz_folder_and_sample_dir_give_the_same_numbers(data):
+    d = data["dir"]
+    reports = []
+    for src in (d / "samples.npz", d / "folder", d / "sample_dir"):
+        res = run_fid(src, d / "ref.npz", "--inception-weights", data["weights"], "--json", d / "r.json")
+        assert res.exit_code == 0, res.output
+        reports.append(json.loads((d / "r.json").read_text()))
+    first = reports[0]
+    assert set(first["metrics"]) == {"fid", "sfid", "isc", "isc_std", "precision", "recall"}
+    assert np.isfinite(list(first["metrics"].values())).all() and first["metrics"]["fid"] > 0
+    for r in reports[1:]:
+        assert r["metrics"] == pytest.approx(first["metrics"], rel=1e-6)
+        assert r["samples"]["sha256"] == first["samples"]["sha256"] and r["samples"]["count"] == 8
+    fe = first["feature_extractor"]
+    assert fe["name"] == "inception-v3-compat" and fe["sha256"] == fid.sha256_file(data["weights"])
+
+
+def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
+    d = data["dir"]
+    direct = run_fid(d / "samples.npz", d / "ref.npz", "--inception-weights", data["weights"],
+                     "--metrics", "fid,sfid,prc,kid", "--json", d / "direct.json", "--save-ref-stats", d / "stats.npz")
+    assert direct.exit_code == 0, direct.output
+    direct = json.loads((d / "direct.json").read_text())["metrics"]
+
+    # an ADM reference batch: statistics computed from the same images, plus the images
+    ext = fid.InceptionFeatures(data["weights"])
+    feats = fid.extract_features(fid.NpzImages(d / "ref.npz"), ext, batch_size=4)
+    mu, sigma = fid.gaussian_stats(feats.pool)
+    mu_s, sigma_s = fid.gaussian_stats(feats.spatial)
+    np.savez(d / "VIRTUAL_ref.npz", arr_0=data["ref"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+
+    for ref in ("VIRTUAL_ref.npz", "stats.npz"):
+        res = run_fid(d / "samples.npz", d / ref, "--inception-weights", data["weights"],
+                      "--metrics", "fid,sfid,prc,kid", "--json", d / "r.json")
+        assert res.exit_code == 0, res.output
+        got = json.loads((d / "r.json").read_text())["metrics"]
+        assert got == pytest.approx(direct, rel=1e-6), ref
+
+
+def test_only_stats_without_spatial_skips_sfid_by_default_but_errors_when_asked(data):
+    d = data["dir"]
+    ext = fid.InceptionFeatures(data["weights"])
+    feats = fid.extract_features(fid.NpzImages(d / "ref.npz"), ext, batch_size=5)
+    np.savez(d / "pool_only.npz", **dict(zip(("mu", "sigma"), fid.gaussian_stats(feats.pool))))
+    res = run_fid(d / "samples.npz", d / "pool_only.npz", "--inception-weights", data["weights"])
+    assert res.exit_code == 0, res.output
+    assert "note: sfid skipped" in res.output and "FID " in res.output
+    res = run_fid(d / "samples.npz", d / "pool_only.npz", "--inception-weights", data["weights"], "--metrics", "sfid")
+    assert res.exit_code == 2 and "--metrics sfid: the reference" in res.output
+
+
+@pytest.mark.parametrize("case", ["no_arr_0", "one_image", "dims", "weights_garbage", "weights_wrong", "missing",
+                                  "metric", "offline"])
+def test_bad_input_is_one_line_with_exit_code_2(data, case, tmp_path, monkeypatch):
+    d = data["dir"]
+    samples, ref, weights, extra = d / "samples.npz", d / "ref.npz", data["weights"], []
+    if case == "no_arr_0":
+        np.savez(tmp_path / "x.npz", images=data["samples"])
+        samples, expect = tmp_path / "x.npz", "no arr_0 array"
+    elif case == "one_image":
+        np.savez(tmp_path / "x.npz", arr_0=data["samples"][:1])
+        samples, expect = tmp_path / "x.npz", "1 image(s); metrics need at least 2"
+    elif case == "dims":
+        np.savez(tmp_path / "x.npz", mu=np.zeros(10), sigma=np.eye(10))
+        ref, expect = tmp_path / "x.npz", "feature dimensions differ: samples have 2048, the reference"
+    elif case == "weights_garbage":
+        (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
+        weights, expect = tmp_path / "w.pth", "--inception-weights"
+    elif case == "weights_wrong":
+        torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")
+        weights, expect = tmp_path / "w.pth", "not torch-fidelity's Inception weights"
+    elif case == "missing":
+        samples, expect = tmp_path / "nope.npz", "nope.npz: no such file or folder"
+    elif case == "metric":
+        extra, expect = ["--metrics", "fid,fdd"], "--metrics: unknown metric(s) ['fdd']"
+    else:  # no weights given and no network: say which flag to use
+        from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+        def offline(*a, **k):
+            raise OSError("network is unreachable")
+
+        monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+        weights, expect = None, "pass --inception-weights PATH"
+    args = [samples, ref] + (["--inception-weights", weights] if weights else []) + extra
+    res = run_fid(*args)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], res.output
+
+
+def test_two_process_accelerate_launch_gathers_the_same_features(data):
+    d = data["dir"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "groupdiff_cli", "fid", d / "samples.npz", d / "ref.npz",
+                          "--inception-weights", data["weights"], "--json", d / "one.json", "--batch-size", "3"],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "0", "-m", "groupdiff_cli", "fid", d / "samples.npz", d / "ref.npz",
+                          "--inception-weights", data["weights"], "--json", d / "two.json", "--batch-size", "3",
+                          "--cpu"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((d / f).read_text()) for f in ("one.json", "two.json"))
+    assert (a["processes"], b["processes"]) == (1, 2)  # the ranks really formed one job
+    assert a["samples"]["sha256"] == b["samples"]["sha256"]
+    assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-5)
+    assert two.stdout.count("FID ") == 1  # only the main process prints
