@@ -228,10 +228,11 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
                      state=None, desc: str = "features") -> Features:
     """Inception features of every image, in order. Under `accelerate launch` each rank
     takes a contiguous share and the features are gathered on every rank."""
-    from accelerate import PartialState
     from tqdm import tqdm
 
-    state = state or PartialState()
+    from groupdiff_cli.distributed import process_state
+
+    state = state or process_state()
     n = len(images)
     counts = [n // state.num_processes + (r < n % state.num_processes) for r in range(state.num_processes)]
     start = sum(counts[: state.process_index])
@@ -438,14 +439,13 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
     instead of being an error.
     """
-    from accelerate import PartialState
-
     from groupdiff_cli import __version__
+    from groupdiff_cli.distributed import process_state
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"--metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    state = process_state(cpu)
     images = open_images(samples)
     if len(images) < 2:
         raise ValueError(f"{samples}: {len(images)} image(s); metrics need at least 2")

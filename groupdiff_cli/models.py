@@ -342,8 +342,10 @@ class GroupDiT(nn.Module):
 # --------------------------------------------------------------------------- #
 #  Registry                                                                    #
 # --------------------------------------------------------------------------- #
-# depth, hidden size, heads (DiT paper, Table 1)
+# depth, hidden size, heads (DiT paper, Table 1). "Ti" (DeiT-Tiny's widths) is ours:
+# for CPU experiments, the demo and tests; the paper has no Ti models.
 SIZES = {
+    "Ti": dict(depth=12, hidden_size=192, num_heads=3),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

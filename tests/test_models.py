@@ -158,7 +158,7 @@ def test_bad_input_names_the_numbers():
         model(x, t, torch.tensor([0, 1, 2, 3, 11, 10]), group_size=2)
     with pytest.raises(ValueError, match=r"label -1 is outside"):
         model(x, t, torch.tensor([0, 1, 2, -1, 1, 10]), group_size=2)
-    with pytest.raises(ValueError, match="unknown model 'DiT-XXL/2'; valid models: DiT-S/2"):
+    with pytest.raises(ValueError, match="unknown model 'DiT-XXL/2'; valid models: DiT-Ti/2, DiT-Ti/4"):
         create_model("DiT-XXL/2")
 
 

@@ -1,0 +1,235 @@
+"""Diffusion objectives shared by training and sampling: DDPM (DiT) and flow (SiT).
+
+Time convention of this project, in every user-facing option: t in [0, 1] with
+t = 1 pure noise and t = 0 data. DDPM's integer steps map to it through t / 1000.
+
+* ``DDPM``: 1000-step linear beta schedule, epsilon prediction with learned variance
+  (ADM/DiT's "learned range": the model's extra channels interpolate between the
+  posterior and the beta variance in log space). Sampling by respaced ancestral
+  steps (250, DiT's default) or DDIM.
+* ``Flow``: linear interpolant x_t = (1 - t) x0 + t eps, velocity target eps - x0.
+  The network itself is called as SiT is (its time input is 1 - t and it predicts
+  the data-ward velocity x0 - eps), so official SiT checkpoints load and fine-tune
+  unchanged; the conversion happens here and nowhere else.
+
+A ``denoiser`` below is any callable (x, t) -> model output for a batch, where t is
+in this module's model-time units (DDPM: step index; flow: our t). The sampler
+wraps the network (with CFG, group sizes and sample ids) into such a callable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[int], torch.Tensor]  # step index -> noise like x (per-sample seeded)
+
+
+def _gather(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """arr[t] as float32 broadcastable to ``like``."""
+    out = torch.as_tensor(arr, dtype=torch.float64)[t.long().cpu()].to(device=like.device, dtype=torch.float32)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+# --------------------------------------------------------------------------- #
+#  DDPM                                                                        #
+# --------------------------------------------------------------------------- #
+class DDPM:
+    """Gaussian diffusion with a linear beta schedule (ADM/DiT), float64 tables.
+
+    ``use_timesteps`` respaces the process (ADM's SpacedDiffusion): the kept steps
+    get new betas so that their alphas_cumprod are unchanged, and the network is
+    still called with the original step index.
+    """
+
+    name = "ddpm"
+    samplers = ("ddpm", "ddim")
+    default_sampler = "ddpm"
+    default_steps = 250
+
+    def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True, use_timesteps: Sequence[int] | None = None):
+        scale = 1000 / num_timesteps
+        betas = np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
+        self.base_num_timesteps = num_timesteps
+        self.learn_sigma = learn_sigma
+        self.timestep_map = np.arange(num_timesteps)
+        if use_timesteps is not None:
+            acp = np.cumprod(1.0 - betas)
+            kept = sorted(set(int(t) for t in use_timesteps))
+            last, new_betas = 1.0, []
+            for t in kept:
+                new_betas.append(1 - acp[t] / last)
+                last = acp[t]
+            betas = np.array(new_betas)
+            self.timestep_map = np.array(kept)
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # the posterior variance is 0 at t = 0: clip its log with the next value
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def respaced(cls, steps: int, num_timesteps: int = 1000, learn_sigma: bool = True) -> "DDPM":
+        """``steps`` evenly strided steps of the ``num_timesteps`` process (ADM's
+        ``space_timesteps(T, [steps])``: rounded multiples of (T - 1) / (steps - 1))."""
+        if not 1 <= steps <= num_timesteps:
+            raise ValueError(f"--steps {steps} is outside [1, {num_timesteps}] for the ddpm objective")
+        if steps == 1:
+            return cls(num_timesteps, learn_sigma, [0])
+        stride, cur, kept = (num_timesteps - 1) / (steps - 1), 0.0, []
+        for _ in range(steps):  # accumulated as ADM does, so the rounding is the same
+            kept.append(round(cur))
+            cur += stride
+        return cls(num_timesteps, learn_sigma, kept)
+
+    def model_time(self, i: torch.Tensor) -> torch.Tensor:
+        """Respaced index -> the original step index the network was trained on."""
+        return torch.as_tensor(self.timestep_map, device=i.device)[i.long()].float()
+
+    # forward process --------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps."""
+        return _gather(np.sqrt(self.alphas_cumprod), t, x0) * x0 + _gather(np.sqrt(1 - self.alphas_cumprod), t, x0) * noise
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x0)."""
+        mean = _gather(self.posterior_mean_coef1, t, xt) * x0 + _gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, _gather(self.posterior_variance, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Network output (eps [, variance values]) -> mean, log variance, x0 of p(x_{t-1} | x_t)."""
+        c = xt.shape[1]
+        eps = out[:, :c]
+        if self.learn_sigma:
+            frac = (out[:, c : 2 * c] + 1) / 2
+            min_log = _gather(self.posterior_log_variance_clipped, t, xt)
+            max_log = _gather(np.log(self.betas), t, xt)
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:  # fixed "large" variance, as ADM without learned sigma
+            log_var = _gather(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, xt).expand_as(xt)
+        x0 = self.predict_x0(xt, t, eps)
+        mean, _, _ = self.q_posterior(x0, xt, t)
+        return mean, log_var, x0, eps
+
+    # sampling ---------------------------------------------------------------
+    def sample(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFn, sampler: str = "ddpm", progress=None):
+        """Run the reverse process from x = x_T. ``noise(k)`` gives the fresh noise of
+        reverse step k (ddpm only). Returns x_0."""
+        if sampler not in self.samplers:
+            raise ValueError(f"--sampler {sampler} does not fit the ddpm objective; choose from {self.samplers}")
+        for k, i in enumerate(reversed(range(self.num_timesteps))):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = denoiser(x, self.model_time(t))
+            mean, log_var, x0, eps = self.p_mean_variance(out, x, t)
+            if sampler == "ddpm":
+                x = mean + (torch.exp(0.5 * log_var) * noise(k) if i > 0 else 0)
+            else:  # DDIM, eta = 0
+                acp_prev = _gather(self.alphas_cumprod_prev, t, x)
+                x = torch.sqrt(acp_prev) * x0 + torch.sqrt(1 - acp_prev) * eps
+            if progress:
+                progress()
+        return x
+
+
+# --------------------------------------------------------------------------- #
+#  Flow matching (SiT)                                                         #
+# --------------------------------------------------------------------------- #
+class Flow:
+    """Linear interpolant x_t = (1 - t) x0 + t eps, v = eps - x0 (t = 1 is noise)."""
+
+    name = "flow"
+    samplers = ("sde", "ode", "heun")
+    default_sampler = "sde"
+    default_steps = 250
+    last_step = 0.04  # SiT/REPA's SDE: Euler-Maruyama down to t = 0.04, then one mean step
+
+    def __init__(self, learn_sigma: bool = True):
+        self.learn_sigma = learn_sigma  # official SiT checkpoints carry 8 channels; the first 4 are used
+
+    @staticmethod
+    def interpolate(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - t) * x0 + t * noise
+
+    @staticmethod
+    def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    @staticmethod
+    def network_time(t: torch.Tensor) -> torch.Tensor:
+        """Our t -> the time a SiT network was trained on (its t = 1 is data)."""
+        return 1 - t
+
+    @staticmethod
+    def velocity(out: torch.Tensor, channels: int) -> torch.Tensor:
+        """Network output (SiT's data-ward velocity, maybe with sigma channels) -> our v."""
+        return -out[:, :channels]
+
+    def sample(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFn, sampler: str = "sde",
+               steps: int = 250, progress=None):
+        """Integrate from t = 1 (x is noise) to t = 0. ``denoiser(x, t)`` returns our
+        velocity v(x, t) at our time t. Returns x at t = 0."""
+        if sampler not in self.samplers:
+            raise ValueError(f"--sampler {sampler} does not fit the flow objective; choose from {self.samplers}")
+        if steps < 1:
+            raise ValueError(f"--steps {steps} must be >= 1")
+        b = x.shape[0]
+
+        def v(x, t):
+            return denoiser(x, torch.full((b,), float(t), device=x.device))
+
+        if sampler == "sde":
+            # dx = [v - 1/2 g^2 score] dt + g dW backwards in t, with g^2 = 2 w(t), w = t
+            # (SiT's "sigma" diffusion); for this path w * score = -(x + (1 - t) v).
+            grid = np.linspace(1.0, self.last_step, steps) if steps > 1 else np.array([1.0])
+            for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+                h = t - t_next
+                vel = v(x, t)
+                drift = vel + (x + (1 - t) * vel)  # v - w * score
+                x = x - h * drift + math.sqrt(2 * t * h) * noise(k)
+                if progress:
+                    progress()
+            t = grid[-1]
+            vel = v(x, t)
+            x = x - t * (vel + (x + (1 - t) * vel))  # last step: the mean, no noise
+        else:
+            grid = np.linspace(1.0, 0.0, steps + 1)
+            for t, t_next in zip(grid[:-1], grid[1:]):
+                h = t - t_next
+                vel = v(x, t)
+                if sampler == "ode":
+                    x = x - h * vel
+                else:  # Heun: Euler predictor, trapezoid corrector
+                    x_pred = x - h * vel
+                    x = x - h * 0.5 * (vel + v(x_pred, t_next))
+                if progress:
+                    progress()
+        if progress:
+            progress()
+        return x
+
+
+def objective_for(family_or_name: str, learn_sigma: bool = True, steps: int | None = None):
+    """The objective of a model family ("DiT" -> ddpm, "SiT" -> flow) or by name."""
+    from groupdiff_cli.models import FAMILIES
+
+    name = FAMILIES.get(family_or_name, family_or_name)
+    if name == "ddpm":
+        return DDPM.respaced(steps or DDPM.default_steps, learn_sigma=learn_sigma) if steps else DDPM(learn_sigma=learn_sigma)
+    if name == "flow":
+        return Flow(learn_sigma=learn_sigma)
+    raise ValueError(f"unknown objective {family_or_name!r}; choose from ddpm, flow")

@@ -1,0 +1,353 @@
+"""Joint group sampling: every group of N images shares a class and is denoised together.
+
+Reproducibility: image i (counted over the whole run) draws all its randomness from
+its own generator seeded with ``seed + i`` (on the CPU, so the noise is the same on
+every device): first its sample-embedding row for the per-image (conditional)
+branch, then its initial noise, then the noise of every stochastic step. A group's
+sample-embedding permutation for the grouped branch comes from a generator seeded
+with ``seed + 2**32 + first index``. So the samples do not depend on the number of
+processes or the batch size, and an interrupted run resumes exactly.
+
+CFG: out = uncond + w (cond - uncond), guided on the first C channels (or the first
+3 with ``cfg_channels=3``, DiT/SiT's published setting); the remaining channels
+(learned variance) come from the conditional branch. GroupDiff-l: the conditional
+branch runs at group size 1, the unconditional branch at group size N, in one
+forward pass; with w = 1 only the conditional branch runs, so images do not
+interact. The guidance interval is in our time convention (t = 1 noise, t = 0
+data; DDPM step s is t = s / 1000).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from groupdiff_cli.objectives import DDPM, Flow
+
+GROUP_SEED_OFFSET = 2**32
+
+
+@dataclass
+class Guidance:
+    scale: float = 1.0  # w; 1 = off
+    channels: int | None = None  # guided channels; None = all
+    interval: tuple[float, float] = (0.0, 1.0)  # guide only while lo <= t <= hi (t = 1 noise)
+    cond_group_size: int = 1
+    uncond_group_size: int = 1
+
+    def active(self, t: float) -> bool:
+        return self.scale != 1.0 and self.interval[0] <= t <= self.interval[1]
+
+
+def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, single_ids, group_ids):
+    """(x, model time) -> what the objective's sampler expects, with CFG and group sizes.
+
+    labels, single_ids, group_ids: (M,) for the M = groups * group_size images of x.
+    """
+    m = labels.shape[0]
+    null = torch.full_like(labels, model.num_classes)
+    c = model.in_channels
+    is_flow = isinstance(objective, Flow)
+
+    def ids_for(size):
+        return single_ids if size == 1 else group_ids
+
+    def sizes(n):
+        """Per-group sizes for a branch that runs the batch's groups at size n."""
+        if group_size % n:
+            raise ValueError(f"branch group size {n} does not divide the group size {group_size}")
+        return [n] * (m // n)
+
+    def denoiser(x, t):
+        t_ours = float(t[0]) if is_flow else float(t[0]) / 1000
+        t_net = objective.network_time(t) if is_flow else t
+        gc, gu = guidance.cond_group_size, guidance.uncond_group_size
+        if guidance.active(t_ours):
+            out = model(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([labels, null]),
+                        group_size=sizes(gc) + sizes(gu), sample_ids=torch.cat([ids_for(gc), ids_for(gu)]))
+            cond, uncond = out.chunk(2)
+            k = guidance.channels or c
+            guided = uncond[:, :k] + guidance.scale * (cond[:, :k] - uncond[:, :k])
+            out = torch.cat([guided, cond[:, k:]], dim=1)
+        else:
+            out = model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc))
+        return objective.velocity(out, c) if is_flow else out
+
+    return denoiser
+
+
+@torch.no_grad()
+def sample_groups(model, objective, labels: torch.Tensor, first_index: int, group_size: int, guidance: Guidance,
+                  seed: int, sampler: str, steps: int, device="cpu", progress=None,
+                  image_seeds: list[int] | None = None) -> torch.Tensor:
+    """Sample the images first_index .. first_index + M - 1 (whole groups).
+
+    labels: (M,) class of each image (constant within a group). ``image_seeds``
+    overrides the per-image seeds (default seed + index). Returns the final latents
+    (M, C, H, W) on the CPU.
+    """
+    m = labels.shape[0]
+    if m % group_size:
+        raise ValueError(f"{m} images are not whole groups of {group_size}")
+    c, s = model.in_channels, model.input_size
+    image_seeds = image_seeds or [seed + first_index + i for i in range(m)]
+    gens = [torch.Generator().manual_seed(int(v)) for v in image_seeds]
+    single_ids = torch.stack([torch.randint(model.max_group_size, (), generator=g) for g in gens])
+    group_ids = torch.cat([
+        torch.randperm(model.max_group_size, generator=torch.Generator().manual_seed(
+            seed + GROUP_SEED_OFFSET + first_index + j))[:group_size]
+        for j in range(0, m, group_size)
+    ])
+    x = torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
+
+    def noise(_step):
+        return torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
+
+    denoiser = make_denoiser(model, objective, labels.to(device), group_size, guidance,
+                             single_ids.to(device), group_ids.to(device))
+    if isinstance(objective, DDPM):
+        out = objective.sample(denoiser, x, noise, sampler, progress=progress)
+    else:
+        out = objective.sample(denoiser, x, noise, sampler, steps, progress=progress)
+    return out.float().cpu()
+
+
+# --------------------------------------------------------------------------- #
+#  Labels, grids and files                                                     #
+# --------------------------------------------------------------------------- #
+def group_labels(num_classes: int, num_groups: int | None = None, class_labels=None, random_labels=False,
+                 seed: int = 0) -> list[int]:
+    """One class per group: the given list, class-balanced (group k -> k mod classes),
+    or random (seeded)."""
+    if class_labels:
+        bad = [y for y in class_labels if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"--class-labels: label {bad[0]} is outside [0, {num_classes - 1}]")
+        return list(class_labels)
+    if random_labels:
+        return torch.randint(num_classes, (num_groups,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [k % num_classes for k in range(num_groups)]
+
+
+def grid_image(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one grid, ceil(sqrt(N)) columns (16 -> 4x4), black padding."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, img in enumerate(images):
+        r, cl = divmod(i, cols)
+        grid[r * h:(r + 1) * h, cl * w:(cl + 1) * w] = img
+    return grid
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarray) -> None:
+    """``np.savez``-compatible npz (arr_0 uint8 NHWC, arr_1 labels) written chunk by
+    chunk, so 50k images never sit in memory at once; atomic (temp name + rename)."""
+    import zipfile
+
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                    "shape": (count, *shape)})
+            for chunk in chunks:
+                f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+        with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, labels.astype(np.int64))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- #
+#  The whole job                                                               #
+# --------------------------------------------------------------------------- #
+@dataclass
+class SampleJob:
+    """Everything that determines the samples; stored as OUT/sample_config.json so a
+    rerun of the same command resumes and a different one is refused."""
+
+    ckpt: str
+    weights: str
+    model: dict
+    labels: list  # one class per group
+    group_size: int
+    cfg_scale: float
+    cfg_channels: int | None
+    guidance_interval: tuple
+    cond_group_size: int
+    uncond_group_size: int
+    objective: str
+    sampler: str
+    steps: int
+    seed: int
+    vae: str
+    vae_scale: float
+    chunk_groups: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels) * self.group_size
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.labels) / self.chunk_groups)
+
+
+def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_images: bool = False,
+                 vae_batch_size: int = 32, cpu: bool = False) -> dict:
+    """Sample every chunk of groups not yet on disk (chunks are spread over the
+    processes of an `accelerate launch`), then write OUT/samples.npz and labels.npy."""
+    from tqdm import tqdm
+
+    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.objectives import objective_for
+    from groupdiff_cli.vae import decode, load_vae
+
+    state = process_state(cpu)
+    out = Path(out_dir)
+    chunks_dir = out / "chunks"
+    config_file = out / "sample_config.json"
+    record = json.loads(json.dumps(asdict(job)))  # tuples -> lists, as read back
+    # every rank checks before anyone writes, so that a refusal stops all of them
+    if config_file.exists():
+        if json.loads(config_file.read_text()) != record:
+            raise ValueError(f"--out {out}: holds samples of a different configuration "
+                             f"(see {config_file}); choose another --out or delete it")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: not empty and not a groupdiff sample output; choose another --out")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
+            d.mkdir(parents=True, exist_ok=True)
+        if not config_file.exists():
+            tmp = config_file.with_name("sample_config.json.tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, config_file)
+    state.wait_for_everyone()
+
+    groups_per_batch = max(1, batch_size // job.group_size)
+    model = model.to(state.device)
+    objective = objective_for(job.objective, learn_sigma=model.learn_sigma,
+                              steps=job.steps if job.objective == "ddpm" else None)
+    vae = load_vae(job.vae, state.device)
+    mine = [k for k in range(job.num_chunks) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not (chunks_dir / f"chunk_{k:05d}.npz").exists()]
+    n_todo = sum(min(job.chunk_groups, len(job.labels) - k * job.chunk_groups) for k in todo) * job.group_size
+    bar = tqdm(total=n_todo * state.num_processes, unit="img", desc="sampling", disable=not state.is_main_process)
+    for k in todo:
+        g0, g1 = k * job.chunk_groups, min((k + 1) * job.chunk_groups, len(job.labels))
+        images = []
+        for b0 in range(g0, g1, groups_per_batch):
+            b1 = min(b0 + groups_per_batch, g1)
+            labels = torch.tensor(job.labels[b0:b1]).repeat_interleave(job.group_size)
+            z = sample_groups(model, objective, labels, b0 * job.group_size, job.group_size, Guidance(
+                job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
+                job.uncond_group_size), job.seed, job.sampler, job.steps, state.device)
+            images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
+            bar.update(len(labels) * state.num_processes)
+        images = np.concatenate(images)
+        for j, g in enumerate(range(g0, g1)):
+            members = images[j * job.group_size:(j + 1) * job.group_size]
+            _save_png(grid_image(members), out / "grids" / f"group_{g:06d}_class_{job.labels[g]}.png")
+            if save_images:
+                for i, img in enumerate(members):
+                    _save_png(img, out / "images" / f"{g * job.group_size + i:06d}.png")
+        labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
+        tmp = chunks_dir / f"chunk_{k:05d}.tmp.npz"
+        np.savez(tmp, arr_0=images, arr_1=labels)
+        os.replace(tmp, chunks_dir / f"chunk_{k:05d}.npz")  # a chunk on disk is a finished chunk
+    bar.close()
+    state.wait_for_everyone()
+
+    npz = out / "samples.npz"
+    if state.is_main_process:
+        all_labels = np.repeat(np.array(job.labels, np.int64), job.group_size)
+
+        def read_chunks():
+            for k in range(job.num_chunks):
+                with np.load(chunks_dir / f"chunk_{k:05d}.npz") as f:
+                    yield f["arr_0"]
+
+        with np.load(chunks_dir / "chunk_00000.npz") as f:
+            shape = f["arr_0"].shape[1:]
+        write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
+        tmp = out / "labels.tmp.npy"
+        np.save(tmp, all_labels)
+        os.replace(tmp, out / "labels.npy")
+    state.wait_for_everyone()
+    return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
+                processes=state.num_processes)
+
+
+def build_job(ckpt, out_dir=None, *, weights="ema", model_name=None, group_size=None, num_samples=None,
+              class_labels=None, random_labels=False, cfg_scale=1.5, cfg_channels=None, guidance_interval=(0.0, 1.0),
+              cond_group_size=None, uncond_group_size=None, sampler=None, steps=None, seed=0, vae=None,
+              chunk_groups=None, warn=print):
+    """Load the checkpoint and resolve every default into a ``SampleJob``.
+
+    Returns (job, model). Raises ValueError naming the flag for bad input.
+    """
+    from groupdiff_cli.checkpoints import load_model
+    from groupdiff_cli.models import FAMILIES
+    from groupdiff_cli.objectives import objective_for
+    from groupdiff_cli.vae import DEFAULT_VAE, SD_VAE_SCALE
+
+    model, info = load_model(ckpt, weights, model_name)
+    train, dataset = info.get("train", {}), info.get("dataset", {})
+    trained = int(train.get("group_size", 1))
+    n = trained if group_size is None else group_size
+    if not 1 <= n <= model.max_group_size:
+        raise ValueError(f"--group-size {n} is outside [1, max_group_size={model.max_group_size}] of this checkpoint")
+    if n > trained:
+        warn(f"warning: --group-size {n} is larger than the group size this checkpoint was trained with ({trained})")
+    if class_labels:
+        labels = group_labels(model.num_classes, class_labels=class_labels)
+    elif num_samples:
+        if num_samples % n:
+            raise ValueError(f"--num-samples {num_samples} is not a multiple of --group-size {n}")
+        labels = group_labels(model.num_classes, num_samples // n, random_labels=random_labels, seed=seed)
+    else:
+        raise ValueError("give --num-samples N (class-balanced or --random-labels) or --class-labels A,B,...")
+    f_mode = train.get("group_mode") == "f"
+    gc = cond_group_size or (n if f_mode else 1)
+    gu = uncond_group_size or n
+    for flag, v in (("--cond-group-size", gc), ("--uncond-group-size", gu)):
+        if n % v:
+            raise ValueError(f"{flag} {v} does not divide --group-size {n}")
+    lo, hi = guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"--guidance-interval {lo},{hi}: need 0 <= lo <= hi <= 1 (t = 1 is noise)")
+    if cfg_channels is not None and not 1 <= cfg_channels <= model.in_channels:
+        raise ValueError(f"--cfg-channels {cfg_channels} is outside [1, {model.in_channels}]")
+    objective_name = FAMILIES[model.config["family"]]
+    objective = objective_for(objective_name, model.learn_sigma)
+    sampler = sampler or objective.default_sampler
+    if sampler not in objective.samplers:
+        raise ValueError(f"--sampler {sampler} does not fit the {objective_name} objective of "
+                         f"{model.config['name']}; choose from {', '.join(objective.samplers)}")
+    steps = steps or objective.default_steps
+    if objective_name == "ddpm" and not 1 <= steps <= 1000:
+        raise ValueError(f"--steps {steps} is outside [1, 1000] for the ddpm objective")
+    job = SampleJob(
+        ckpt=info["checkpoint"], weights=weights, model=model.config, labels=labels, group_size=n,
+        cfg_scale=float(cfg_scale), cfg_channels=cfg_channels, guidance_interval=(float(lo), float(hi)),
+        cond_group_size=gc, uncond_group_size=gu, objective=objective_name, sampler=sampler, steps=int(steps),
+        seed=int(seed), vae=vae or dataset.get("vae", DEFAULT_VAE),
+        vae_scale=float(dataset.get("vae_scale", SD_VAE_SCALE)),
+        chunk_groups=chunk_groups or max(1, 256 // n))
+    return job, model
