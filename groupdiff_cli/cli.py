@@ -49,10 +49,57 @@ def _not_implemented(what: str) -> None:
     raise UsageError(f"`groupdiff {what}` is not implemented yet in this version ({__version__})")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def encode():
-    """Encode an image folder into webdataset latent shards (not implemented yet)."""
-    _not_implemented("encode")
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(8),
+              help="ADM centre crop to this size (32/64 for small runs).")
+@click.option("--vae", default="stabilityai/sd-vae-ft-ema", show_default=True,
+              help="diffusers AutoencoderKL: hub id or local save_pretrained directory; `pixel` stores the "
+                   "cropped image itself (pixel-space models).")
+@click.option("--vae-scale", default=0.18215, show_default=True, type=float,
+              help="Latent scale recorded for training and sampling (0.18215 for the SD-VAE).")
+@click.option("--no-flip", is_flag=True, help="Do not store the moments of the horizontally flipped image.")
+@click.option("--embedder", default="vit_base_patch14_dinov2.lvd142m", show_default=True,
+              help="timm model for the retrieval embeddings that similarity grouping uses, or `none` "
+                   "(training can then group only by class or at random).")
+@click.option("--embedder-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local weights file for --embedder (safetensors or .pth), for machines without internet.")
+@click.option("--embedder-size", default=224, show_default=True, type=click.IntRange(16),
+              help="Input resolution of the embedder.")
+@click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample order across shards.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--num-workers", default=4, show_default=True, type=click.IntRange(0),
+              help="DataLoader workers that decode and crop images.")
+@click.option("--max-shards", type=click.IntRange(1), default=None,
+              help="Encode at most this many shards per process in this run; rerun to continue.")
+@click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
+def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_weights, embedder_size, shard_size, seed,
+           batch_size, num_workers, max_shards, cpu):
+    """Encode SRC (class folders SRC/<class>/<image>, or a `path label` list file) into
+    webdataset shards of VAE latent moments, labels and retrieval embeddings in OUT.
+
+    Rerunning the same command after an interruption finishes the job: complete shards
+    are kept, the rest are written again. On many GPUs or nodes:
+    `accelerate launch -m groupdiff_cli encode SRC OUT ...` (each process writes its own
+    shards; the first writes OUT/dataset.json when all are done).
+    """
+    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.encode import EncodeConfig, encode as run_encode
+
+    state = process_state(cpu)
+    cfg = EncodeConfig(src=src, image_size=image_size, vae=vae, vae_scale=vae_scale, flip=not no_flip,
+                       embedder=embedder, embedder_size=embedder_size, shard_size=shard_size, seed=seed)
+    info = run_encode(src, out, cfg, embedder_weights=embedder_weights, batch_size=batch_size,
+                      num_workers=num_workers, cpu=cpu, limit_shards=max_shards,
+                      log=lambda msg: click.echo(msg, err=True))
+    if state.is_main_process:
+        if info is None:
+            click.echo(f"stopped after --max-shards {max_shards}; rerun the same command to continue")
+        else:
+            click.echo(f"{info['num_samples']} images in {len(info['shards'])} shards, "
+                       f"{info['skipped_count']} skipped: {Path(out) / 'dataset.json'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

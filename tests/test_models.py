@@ -11,7 +11,8 @@ import torch
 from groupdiff_cli import models
 from groupdiff_cli.models import SAMPLE_EMBED_KEY, GroupDiT, create_model, load_pretrained
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dit_reference_keys.json"
+# parameter names/shapes of the official DiT checkpoints (a copy of shared/reference/)
+REFERENCE = Path(__file__).resolve().parent / "data" / "dit_reference_keys.json"
 
 
 def tiny_model(**kw) -> GroupDiT:
