@@ -45,10 +45,6 @@ def main():
     """
 
 
-def _not_implemented(what: str) -> None:
-    raise UsageError(f"`groupdiff {what}` is not implemented yet in this version ({__version__})")
-
-
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
@@ -102,10 +98,84 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
                        f"{info['skipped_count']} skipped: {Path(out) / 'dataset.json'}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train():
-    """Train a GroupDiff model (not implemented yet)."""
-    _not_implemented("train")
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=str), help="Output folder of `groupdiff encode`.")
+@click.option("--model", default="SiT-XL/2", show_default=True, help="Registry name (see `groupdiff models`).")
+@click.option("--results-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Runs live in RESULTS_DIR/RUN_NAME: config.json, metrics.jsonl, checkpoints/.")
+@click.option("--run-name", default=None, help="[default: MODEL-MODE, e.g. SiT-XL-2-l4]")
+@click.option("--group-mode", type=click.Choice(["l", "f", "none"]), default="l", show_default=True,
+              help="l: GroupDiff-l (--group-ratio of the images in null-label groups, the rest single with "
+                   "labels); f: GroupDiff-f (every image grouped, labels kept, whole-group label dropout); "
+                   "none: plain DiT/SiT with label dropout.")
+@click.option("--group-size", default=4, show_default=True, type=click.IntRange(1),
+              help="Images per group (the paper's released models use 4; at most --max-group-size).")
+@click.option("--group-ratio", default=0.1, show_default=True, type=float,
+              help="GroupDiff-l: fraction of the images trained in groups (unconditionally).")
+@click.option("--grouping", type=click.Choice(["similarity", "class", "random"]), default=None,
+              help="How groups are formed. [default: similarity when the shards have embeddings, else random]")
+@click.option("--similarity-threshold", default=0.7, show_default=True, type=float,
+              help="Cosine similarity a group-mate needs to the anchor (the nearest ones if too few pass).")
+@click.option("--group-buffer", default=20_000, show_default=True, type=click.IntRange(1),
+              help="Samples per grouping window (per process): groups are formed within it.")
+@click.option("--timestep-variance", default=0.0, show_default=True, type=float,
+              help="sigma_tv: jitter of each group member's time around the group's, in DDPM steps "
+                   "(the same fraction of [0, 1] for flow). The paper's best: 100.")
+@click.option("--max-group-size", default=16, show_default=True, type=click.IntRange(1),
+              help="Rows of the sample-embedding table: the largest group the model can ever run.")
+@click.option("--global-batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1), help="Gradient accumulation.")
+@click.option("--max-steps", default=400_000, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--weight-decay", default=0.01, show_default=True, type=float, help="Not on norms, biases, embeddings.")
+@click.option("--grad-clip", default=3.0, show_default=True, type=float)
+@click.option("--ema-decay", default=0.9999, show_default=True, type=float)
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
+              help="[default: bf16 on a GPU, no on a CPU]")
+@click.option("--no-flip", is_flag=True, help="Never use the flipped latents.")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--init-from", default=None, type=click.Path(path_type=str),
+              help="Start from an official DiT/SiT checkpoint (.pt) or one of our runs/checkpoints (fine-tuning).")
+@click.option("--ckpt-every", default=5000, show_default=True, type=click.IntRange(1))
+@click.option("--keep-last", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--keep-every", default=None, type=click.IntRange(1), help="Also keep every checkpoint at a multiple.")
+@click.option("--log-every", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--report-to", default=None, help="An accelerate tracker, e.g. tensorboard or wandb.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint, exactly.")
+@click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
+def train(data, model, results_dir, run_name, group_mode, group_size, group_ratio, grouping, similarity_threshold,
+          group_buffer, timestep_variance, max_group_size, global_batch_size, grad_accum, max_steps, lr,
+          weight_decay, grad_clip, ema_decay, mixed_precision, no_flip, gradient_checkpointing, compile_, init_from,
+          ckpt_every, keep_last, keep_every, log_every, report_to, seed, resume, cpu):
+    """Train a GroupDiff DiT/SiT on `groupdiff encode` shards.
+
+    One process, or many with `accelerate launch [--multi_gpu --num_processes 8 ...] -m
+    groupdiff_cli train ...`: the same command and run directory layout. The objective
+    follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
+    """
+    from groupdiff_cli.train import TrainOptions
+    from groupdiff_cli.train import train as run_train
+
+    opts = TrainOptions(
+        data=data, model=model, results_dir=results_dir, run_name=run_name, group_mode=group_mode,
+        group_size=group_size, group_ratio=group_ratio, grouping=grouping, similarity_threshold=similarity_threshold,
+        group_buffer=group_buffer, timestep_variance=timestep_variance, max_group_size=max_group_size,
+        global_batch_size=global_batch_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr,
+        weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, mixed_precision=mixed_precision,
+        flip=not no_flip, gradient_checkpointing=gradient_checkpointing, compile=compile_, init_from=init_from,
+        ckpt_every=ckpt_every, keep_last=keep_last, keep_every=keep_every, log_every=log_every,
+        report_to=report_to, seed=seed, cpu=cpu)
+    from groupdiff_cli.distributed import process_state
+
+    main_process = process_state(cpu).is_main_process
+    try:
+        result = run_train(opts, resume=resume, log=lambda m: main_process and click.echo(m, err=True))
+    except FloatingPointError as e:  # not a usage error: exit code 1
+        raise click.ClickException(str(e)) from None
+    if main_process:
+        click.echo(f"trained to step {result['step']}: {result['run_dir']}")
 
 
 def _int_list(value: str | None, flag: str) -> list[int] | None:

@@ -125,6 +125,23 @@ class DDPM:
         mean, _, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0, eps
 
+    # training ---------------------------------------------------------------
+    def training_loss(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """Per-image loss: eps MSE, plus (learn_sigma) ADM's variational bound term in
+        bits per dim with the predicted mean detached, so that the bound trains only
+        the variance (the 'hybrid' loss of DiT)."""
+        c = x0.shape[1]
+        mse = (out[:, :c] - noise).square().flatten(1).mean(1)
+        if not self.learn_sigma:
+            return mse
+        frozen = torch.cat([out[:, :c].detach(), out[:, c:2 * c]], dim=1)
+        mean, log_var, _, _ = self.p_mean_variance(frozen.float(), xt, t)
+        true_mean, _, true_log_var = self.q_posterior(x0, xt, t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
+        return mse + torch.where(t == 0, nll, kl)
+
     # sampling ---------------------------------------------------------------
     def sample(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFn, sampler: str = "ddpm", progress=None):
         """Run the reverse process from x = x_T. ``noise(k)`` gives the fresh noise of
@@ -143,6 +160,27 @@ class DDPM:
             if progress:
                 progress()
         return x
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins (ADM's decoder term)."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 # --------------------------------------------------------------------------- #
@@ -168,6 +206,10 @@ class Flow:
     @staticmethod
     def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
+
+    def training_loss(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-image MSE between the predicted and the true velocity eps - x0."""
+        return (self.velocity(out, x0.shape[1]) - self.target(x0, noise)).square().flatten(1).mean(1)
 
     @staticmethod
     def network_time(t: torch.Tensor) -> torch.Tensor:

@@ -130,3 +130,31 @@ def test_unknown_sampler_names_the_objective():
         DDPM.respaced(2).sample(None, torch.zeros(1, 1, 1, 1), None, "sde")
     with pytest.raises(ValueError, match="--sampler ddim does not fit the flow objective"):
         Flow().sample(None, torch.zeros(1, 1, 1, 1), None, "ddim")
+
+
+def test_ddpm_loss_bound_trains_only_the_variance():
+    from groupdiff_cli.objectives import normal_kl
+
+    d = DDPM()
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0, 10, 900])
+    xt = d.q_sample(x0, t, noise)
+    out = torch.randn(3, 4, 4, 4, requires_grad=True)
+    d.training_loss(out, x0, xt, t, noise).sum().backward()
+    mse_grad = 2 * (out[:, :2] - noise).detach() / (2 * 4 * 4)
+    torch.testing.assert_close(out.grad[:, :2], mse_grad)  # the bound adds nothing to the eps channels
+    assert out.grad[:, 2:].abs().sum() > 0  # ... but trains the variance channels
+    m, lv = torch.randn(5), torch.randn(5)
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(5))
+    # the closed form for two 1-d Gaussians
+    kl = normal_kl(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(math.log(4.0)))
+    assert float(kl) == pytest.approx(math.log(2.0) + (1 + 1) / 8 - 0.5, rel=1e-6)
+
+
+def test_flow_loss_is_the_velocity_mse():
+    x0, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    out = torch.cat([x0 - noise, torch.randn(2, 4, 2, 2)], dim=1)  # a perfect SiT-convention prediction
+    assert torch.allclose(Flow().training_loss(out, x0, noise), torch.zeros(2), atol=1e-7)
+    assert torch.allclose(Flow().training_loss(torch.zeros(2, 8, 2, 2), x0, noise),
+                          (noise - x0).square().flatten(1).mean(1))

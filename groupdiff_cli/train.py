@@ -1,0 +1,294 @@
+"""The training loop: GroupDiff-l / -f / plain DiT-SiT with accelerate, exact resume.
+
+Determinism: the data of step s (per process) is ``GroupBatches.batch(s * accum + m)``
+and every random draw of the step (diffusion time, noise, sample-embedding rows) comes
+from generators seeded with (seed, rank, step, micro-step). A checkpoint therefore
+needs only the weights, the EMA, the optimizer and the step to continue exactly:
+k steps + resume + k steps equal 2k steps in one go (bitwise on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from groupdiff_cli import __version__
+from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, checkpoint_dirs
+from groupdiff_cli.data import GroupBatches, derived_seed, read_dataset
+from groupdiff_cli.models import FAMILIES, MODELS, create_model, load_pretrained
+from groupdiff_cli.objectives import DDPM, Flow
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    model: str = "SiT-XL/2"
+    results_dir: str = "runs"
+    run_name: str | None = None
+    objective: str | None = None  # default: the model family's
+    group_mode: str = "l"  # l | f | none
+    group_size: int = 4
+    group_ratio: float = 0.1
+    grouping: str | None = None  # similarity | class | random; default similarity when embeddings exist
+    similarity_threshold: float = 0.7
+    group_buffer: int = 20_000
+    timestep_variance: float = 0.0
+    max_group_size: int = 16
+    global_batch_size: int = 256
+    grad_accum: int = 1
+    max_steps: int = 400_000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 3.0
+    ema_decay: float = 0.9999
+    mixed_precision: str | None = None  # no | bf16 | fp16; default bf16 on GPU
+    label_dropout: float = 0.1
+    flip: bool = True
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    init_from: str | None = None
+    ckpt_every: int = 5000
+    keep_last: int = 2
+    keep_every: int | None = None
+    log_every: int = 100
+    report_to: str | None = None
+    seed: int = 0
+    cpu: bool = False
+
+
+def default_run_name(o: TrainOptions) -> str:
+    mode = "base" if o.group_mode == "none" else f"{o.group_mode}{o.group_size}"
+    return f"{o.model.replace('/', '-')}-{mode}"
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    """Norms, biases and embedding tables get no weight decay."""
+    return p.ndim < 2 or "embedding_table" in name or name.startswith("s_embedder")
+
+
+def _validate(o: TrainOptions, world: int) -> None:
+    if o.model not in MODELS:
+        raise ValueError(f"--model {o.model}: unknown model; valid models: {', '.join(MODELS)}")
+    if o.group_mode not in ("l", "f", "none"):
+        raise ValueError(f"--group-mode {o.group_mode}: choose l, f or none")
+    if not 1 <= o.group_size <= o.max_group_size:
+        raise ValueError(f"--group-size {o.group_size} is outside [1, max_group_size={o.max_group_size}]")
+    unit = world * o.grad_accum * (o.group_size if o.group_mode != "none" else 1)
+    if o.global_batch_size % unit:
+        raise ValueError(f"--global-batch-size {o.global_batch_size} is not a multiple of processes ({world}) x "
+                         f"--grad-accum ({o.grad_accum}) x --group-size ({o.group_size}) = {unit}")
+    if o.grouping not in (None, "similarity", "class", "random"):
+        raise ValueError(f"--grouping {o.grouping}: choose similarity, class or random")
+    if not 0 <= o.group_ratio <= 1:
+        raise ValueError(f"--group-ratio {o.group_ratio} is outside [0, 1]")
+
+
+def _state_checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
+    """Train; returns a summary. Raises ValueError for bad options (one line each)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    from groupdiff_cli.distributed import process_state
+
+    state = process_state(o.cpu)
+    _validate(o, state.num_processes)
+    info = read_dataset(o.data)
+    grouping = o.grouping or ("similarity" if info.get("embedder_dim") else "random")
+    if o.grouping is None and grouping == "random" and o.group_mode != "none" and state.is_main_process:
+        log("note: the shards have no embeddings, so groups are formed at random (--grouping class is the "
+            "paper's better fallback)")
+    o.grouping = grouping
+    o.objective = o.objective or FAMILIES[MODELS[o.model]["family"]]
+    mp = o.mixed_precision or ("bf16" if torch.cuda.is_available() and not o.cpu else "no")
+    accelerator = Accelerator(cpu=o.cpu or not torch.cuda.is_available(), mixed_precision=mp,
+                              gradient_accumulation_steps=o.grad_accum, log_with=o.report_to)
+    run_dir = Path(o.results_dir) / (o.run_name or default_run_name(o))
+    o.run_name = run_dir.name
+    latent_c, latent_hw = info["latent_shape"][0], info["latent_shape"][1]
+    model_overrides = dict(input_size=latent_hw, in_channels=latent_c, num_classes=info["num_classes"],
+                           max_group_size=o.max_group_size)
+    config = dict(model=None, train=asdict(o), dataset={k: v for k, v in info.items() if k not in ("skipped",)},
+                  groupdiff=__version__)
+
+    # ---- the run directory: new, or resumed with the same options
+    ckpts = checkpoint_dirs(run_dir)
+    if resume:
+        if not ckpts:
+            raise ValueError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+        saved = json.loads((run_dir / "config.json").read_text())
+        mine, theirs = dict(asdict(o), max_steps=None), dict(saved["train"], max_steps=None)
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"--resume: options differ from the run in {run_dir}: {', '.join(diff)}")
+    elif ckpts or (run_dir / "config.json").exists():
+        raise ValueError(f"--results-dir {run_dir}: a run is already there; pass --resume to continue it "
+                         f"or choose another --run-name")
+
+    if o.init_from and not resume:
+        path = Path(o.init_from)
+        if path.is_dir() or path.suffix == ".safetensors" and path.parent.name.startswith(CHECKPOINT_PREFIX):
+            from groupdiff_cli.checkpoints import load_model
+
+            src, _ = load_model(path, "ema")
+            model = create_model(o.model, **model_overrides)
+            model.load_state_dict(src.state_dict())
+        else:
+            src, new = load_pretrained(path, name=o.model, max_group_size=o.max_group_size)
+            model = create_model(o.model, **model_overrides)
+            model.load_state_dict(src.state_dict())  # s_embedder zero: step 0 equals the pretrained model
+            if state.is_main_process:
+                log(f"initialised from {path}; new tensors: {new}")
+    else:
+        torch.manual_seed(o.seed)
+        model = create_model(o.model, **model_overrides)
+    config["model"] = model.config
+    model.gradient_checkpointing = o.gradient_checkpointing
+    ema = create_model(o.model, **model_overrides).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=o.weight_decay),
+                                   dict(params=no_decay, weight_decay=0.0)], lr=o.lr, betas=(o.beta1, o.beta2))
+    step = 0
+    if resume:
+        last = ckpts[-1]
+        model.load_state_dict(load_file(str(last / "model.safetensors")))
+        ema.load_state_dict(load_file(str(last / "ema.safetensors")))
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location="cpu", weights_only=True))
+        step = json.loads((last / "state.json").read_text())["step"]
+        if state.is_main_process:
+            log(f"resuming {run_dir} from step {step}")
+    elif state.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, run_dir / "config.json")
+    accelerator.wait_for_everyone()
+
+    ema = ema.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if o.compile else model
+    raw = accelerator.unwrap_model(model)
+    objective = DDPM(learn_sigma=raw.learn_sigma) if o.objective == "ddpm" else Flow(learn_sigma=raw.learn_sigma)
+    micro = o.global_batch_size // (state.num_processes * o.grad_accum)
+    batches = GroupBatches(info, state.process_index, state.num_processes, micro, o.group_size, o.group_mode,
+                           o.group_ratio, grouping, o.similarity_threshold, o.group_buffer, o.seed,
+                           info["num_classes"], flip=o.flip, label_dropout=o.label_dropout)
+    if o.report_to:
+        accelerator.init_trackers(o.run_name, config={k: v for k, v in asdict(o).items() if v is not None})
+
+    def save_checkpoint(step: int) -> None:
+        sums = gather_object([_state_checksum(raw)])  # ranks must hold the same weights
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"step {step}: the processes' weights differ ({sums}); not saving")
+        if state.is_main_process:
+            final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+            tmp = run_dir / "checkpoints" / f".tmp_{step:07d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(dict(step=step, data_position=step * o.grad_accum,
+                                                            processes=state.num_processes, param_sums=sums)))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # complete or absent
+            kept = checkpoint_dirs(run_dir)
+            for old in kept[:-o.keep_last] if o.keep_last else []:
+                s = int(old.name[len(CHECKPOINT_PREFIX):])
+                if not (o.keep_every and s % o.keep_every == 0):
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    metrics_file = run_dir / "metrics.jsonl"
+    bar = tqdm(total=o.max_steps, initial=step, unit="step", disable=not state.is_main_process)
+    window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], time.perf_counter(), 0
+    c = raw.in_channels
+    while step < o.max_steps:
+        for m in range(o.grad_accum):
+            batch = batches.batch(step * o.grad_accum + m, accelerator.device)
+            gen = torch.Generator().manual_seed(derived_seed(o.seed, state.process_index, step, m, 1))
+            x0, b = batch.latents, batch.latents.shape[0]
+            # one time per group (shared by its members), jittered by --timestep-variance
+            per_group = torch.rand(len(batch.group_sizes), generator=gen)
+            t = torch.repeat_interleave(per_group, torch.tensor(batch.group_sizes))
+            jitter = torch.randn(b, generator=gen) * (o.timestep_variance / 1000)
+            t = (t + jitter * (torch.tensor(batch.group_sizes).repeat_interleave(torch.tensor(batch.group_sizes)) > 1))
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+            ids_gen = torch.Generator(device=accelerator.device).manual_seed(
+                derived_seed(o.seed, state.process_index, step, m, 2))
+            if o.objective == "ddpm":
+                t_int = (t.clamp(0, 1 - 1e-9) * 1000).long().to(x0.device)
+                xt = objective.q_sample(x0, t_int, noise)
+                t_net = t_int.float()
+            else:
+                t_f = t.clamp(0, 1).to(x0.device)
+                xt = Flow.interpolate(x0, t_f, noise)
+                t_net = Flow.network_time(t_f)
+            with accelerator.accumulate(model), accelerator.autocast():
+                out = forward(xt, t_net, batch.labels, group_size=batch.group_sizes, generator=ids_gen)
+                out = out.float()
+                if o.objective == "ddpm":
+                    loss = objective.training_loss(out, x0, xt, t_int, noise).mean()
+                else:
+                    loss = objective.training_loss(out, x0, noise).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping. The last "
+                                             f"checkpoint in {run_dir / 'checkpoints'} is intact")
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss.append(loss.detach())
+            window_grouped.append(batch.grouped_fraction)
+        if grad_norm is not None:
+            window_gn.append(grad_norm.detach().float())
+        with torch.no_grad():  # EMA after every optimizer step
+            for pe, pm in zip(ema.parameters(), raw.parameters()):
+                pe.lerp_(pm.detach().to(pe.dtype), 1 - o.ema_decay)
+        step += 1
+        images_since += o.global_batch_size
+        bar.update(1)
+        if step % o.log_every == 0 or step == o.max_steps:
+            # the mean over ranks of each rank's mean loss (equal micro-batch sizes)
+            local = torch.stack(window_loss).mean()
+            every = accelerator.gather(local.reshape(1)).float()
+            now = time.perf_counter()
+            rec = dict(step=step, loss=float(every.mean()), loss_per_rank=[float(v) for v in every],
+                       grad_norm=float(torch.stack(window_gn).mean()) if window_gn else None, lr=o.lr,
+                       images_per_s=images_since / (now - t_last),
+                       grouped_fraction=sum(window_grouped) / len(window_grouped))
+            if state.is_main_process:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
+            if o.report_to:
+                accelerator.log({k: v for k, v in rec.items() if isinstance(v, float)}, step=step)
+            window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], now, 0
+        if step % o.ckpt_every == 0 or step == o.max_steps:
+            save_checkpoint(step)
+    bar.close()
+    if o.report_to:
+        accelerator.end_training()
+    return dict(run_dir=str(run_dir), step=step, processes=state.num_processes)
