@@ -274,6 +274,56 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
 
 
 @main.command()
+@click.option("--ckpt", required=True, type=click.Path(path_type=str),
+              help="A run directory, checkpoint directory or official checkpoint (as for `sample`).")
+@click.option("--group-size", "group_sizes", default="4,8,16", show_default=True, metavar="N,N,...",
+              help="Group sizes to measure (each >= 2).")
+@click.option("--num-groups", default=32, show_default=True, type=click.IntRange(1),
+              help="Groups sampled per group size (class-balanced labels).")
+@click.option("--cfg-scale", type=float, default=1.5, show_default=True,
+              help="Guidance w; a GroupDiff-l model attends across images only in the unconditional branch, "
+                   "so w must be above 1.")
+@click.option("--sampler", default=None, help="As for `sample`. [default: ddpm / sde]")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps. [default: 250]")
+@click.option("--at-steps", default=None, metavar="K,K,...",
+              help="Network evaluations to measure at, 0 = the first (pure noise). [default: 8 spread over "
+                   "the trajectory]")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--vae", default=None, help="Decoder for the example pictures (as for `sample`).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write attention.json and the PNG figures here.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the report here.")
+@click.option("--cpu", is_flag=True)
+def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps, seed, batch_size, vae, out_dir,
+              json_out, cpu):
+    """The paper's cross-sample attention score S_cross, per group size, block and step.
+
+    Samples as `sample` does and, at the chosen steps and in every block, measures
+    P(i->j), the attention mass from image i's queries onto image j's keys (mean over
+    queries and heads), for every group that runs grouped (the unconditional branch
+    of GroupDiff-l). S_cross = (max_j P - mean_j P) / max_j P over the other images, in
+    percent; also the self mass P(i->i) and the mean cross mass. Figures (with --out):
+    S_cross against block and against step, and one example group's P matrix next to
+    its images.
+    """
+    from groupdiff_cli.attention import format_table, run_attention
+    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.fid import write_json_atomic
+
+    sizes = _int_list(group_sizes, "--group-size")
+    report = run_attention(ckpt, sizes, num_groups, out_dir, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
+                           at_steps=_int_list(at_steps, "--at-steps"), seed=seed, batch_size=batch_size, vae=vae,
+                           cpu=cpu)
+    if process_state(cpu).is_main_process:
+        click.echo(format_table(report))
+        if out_dir:
+            click.echo(f"figures and attention.json in {out_dir}")
+        if json_out:
+            write_json_atomic(report, json_out)
+
+
+@main.command()
 @click.argument("samples", type=click.Path(path_type=str))
 @click.argument("ref", type=click.Path(path_type=str))
 @click.option("--metrics", default=None, metavar="LIST",

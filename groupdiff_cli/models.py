@@ -156,6 +156,7 @@ class GroupAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.probe = None  # `groupdiff attention` sets a callable(q, k, n) to measure; never in training
 
     def qkv_heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B*N, L, D) tokens of a run -> q, k, v each (B, heads, N*L, head_dim)."""
@@ -170,6 +171,8 @@ class GroupAttention(nn.Module):
         start = 0
         for count, n in runs:
             q, k, v = self.qkv_heads(x[start : start + count], n)
+            if self.probe is not None and n > 1:
+                self.probe(q, k, n)
             o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N*L, head_dim)
             outs.append(o.transpose(1, 2).reshape(count, length, dim))
             start += count
