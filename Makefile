@@ -14,8 +14,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/groupdiff models DiT-S/2 DiT-XL/2 SiT-XL/2
-	@echo "The end-to-end demo (encode -> train -> sample -> fid on bundled data) is coming; see README."
+	$(VENV)/bin/groupdiff demo --out demo-out
 
 bench: $(VENV)/.installed
 	$(PY) bench/model_bench.py

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The group-size study (the paper's Table 1 / scaling figure): one checkpoint sampled
+# at group sizes 1, 2, 4, 8, 16 with identical seeds and labels; FID with a bootstrap
+# interval over whole groups, and the cross-sample attention score S_cross.
+# Writes study/study.csv and study/study.png.
+#
+# Small, on the demo model (after `make demo`), on a CPU in a few minutes:
+#   groupdiff study --ckpt demo-out/runs/demo --ref demo-out/shapes --out demo-out/study \
+#       --num-samples 256 --steps 20 --sampler heun --cfg-scale 2 --attention-groups 4 --cpu \
+#       --inception-weights weights-inception-2015-12-05-6726825d.pth
+#
+# Full size: 50k samples per group size on 8 GPUs (an estimate: about 5 x the time of
+# one 50k sampling run, see sample_and_evaluate.sh).
+set -euo pipefail
+RUN=${RUN:-runs/SiT-XL-2-l4}
+REF=${REF:-VIRTUAL_imagenet256_labeled.npz}
+accelerate launch --multi_gpu --num_processes 8 -m groupdiff_cli study --ckpt "$RUN" --ref "$REF" --out study --group-sizes 1,2,4,8,16 \
+    --num-samples 50000 --cfg-scale 1.5 --batch-size 256 --bootstrap 100 --attention-groups 32 \
+    --inception-weights "${INCEPTION:-weights-inception-2015-12-05-6726825d.pth}"

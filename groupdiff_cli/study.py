@@ -1,0 +1,93 @@
+"""The group-size study (the paper's Table 1 / scaling figure) for one checkpoint.
+
+For each group size N: sample the same images (image i has seed + i and class
+(i // max N) mod classes, so every group size sees identical seeds and labels), FID
+with a bootstrap interval that resamples whole groups, and S_cross from `attention`.
+Writes study.csv and study.png (FID and S_cross against N).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def study_labels(num_samples: int, group_size: int, max_group: int, num_classes: int) -> list[int]:
+    """One class per group such that image i always gets class (i // max_group) mod classes."""
+    return [(g * group_size // max_group) % num_classes for g in range(num_samples // group_size)]
+
+
+def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=1.5,
+              sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
+              inception_weights=None, vae=None, cpu=False, log=print) -> list[dict]:
+    from groupdiff_cli import attention, fid
+    from groupdiff_cli.sampling import build_job, run_sampling
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    biggest = max(group_sizes)
+    if num_samples % biggest:
+        raise ValueError(f"--num-samples {num_samples} is not a multiple of the largest group size {biggest}")
+    rows = []
+    for n in group_sizes:
+        job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
+                               steps=steps, seed=seed, vae=vae, warn=log)
+        job.labels = study_labels(num_samples, n, biggest, model.num_classes)
+        run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
+        row = dict(group_size=n)
+        if ref is not None:
+            stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
+            if not fid.is_stats_file(Path(ref)) and stats.exists():
+                ref = stats
+            rep = fid.evaluate(out / f"N{n}", ref, ("fid",), inception_weights=inception_weights,
+                               bootstrap=bootstrap, bootstrap_block=n, seed=seed, cpu=cpu,
+                               save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
+            m = rep["metrics"]
+            row.update(fid=m["fid"])
+            if "fid_bootstrap" in m:
+                row.update(fid_ci_lo=m["fid_bootstrap"]["ci95"][0], fid_ci_hi=m["fid_bootstrap"]["ci95"][1])
+        if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1):
+            r = attention.run_attention(ckpt, [n], attention_groups, None, cfg_scale=cfg_scale, sampler=sampler,
+                                        steps=steps, seed=seed, batch_size=batch_size, vae=vae, cpu=cpu)
+            row.update(s_cross=r["group_sizes"][n]["s_cross"])
+        else:
+            row.update(s_cross=0.0 if n >= 2 else None)
+        rows.append(row)
+        log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "s_cross"]
+    with open(out / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in fields})
+    plot_study(rows, out / "study.png")
+    return rows
+
+
+def plot_study(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["group_size"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if all("fid" in r for r in rows):
+        ax.plot(ns, [r["fid"] for r in rows], marker="o", color="C0", label="FID")
+        # the bootstrap interval need not contain the full-sample FID (resampling biases FID up)
+        ci = [(r["group_size"], r["fid_ci_lo"], r["fid_ci_hi"]) for r in rows if "fid_ci_lo" in r]
+        if ci:
+            ax.vlines(*zip(*ci), color="C0", alpha=0.5, linewidth=4)
+        ax.set_ylabel("FID (bars: 95% bootstrap interval)", color="C0")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("group size N")
+    ax2 = ax.twinx()
+    pts = [(r["group_size"], r["s_cross"]) for r in rows if r.get("s_cross") is not None]
+    if pts:
+        ax2.plot(*zip(*pts), marker="s", color="C1", label="S_cross")
+    ax2.set_ylabel("S_cross (%)", color="C1")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
