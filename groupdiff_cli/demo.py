@@ -75,12 +75,9 @@ def draw_shape(cls: int, rng: np.random.Generator, size: int = SIZE):
                        (px + dy * s + dx * w, py - dx * s + dy * w), (px - dy * s + dx * w, py + dx * s + dy * w)],
                       fill=fg)
     elif name == "diamond":
-        pts = [(cx + r * 0.7 * math.cos(rot + a) - 0, cy + r * 1.3 * math.sin(rot + a)) for a in
-               (0, math.pi / 2, math.pi, 3 * math.pi / 2)]
         d.polygon([(cx + (x - cx) * math.cos(rot) - (y - cy) * math.sin(rot),
                     cy + (x - cx) * math.sin(rot) + (y - cy) * math.cos(rot)) for x, y in
                    [(cx, cy - r * 1.3), (cx + r * 0.7, cy), (cx, cy + r * 1.3), (cx - r * 0.7, cy)]], fill=fg)
-        del pts
     else:  # star
         d.polygon(_polygon(cx, cy, r * 1.25, 5, rot, inner=0.45), fill=fg)
     return img.resize((size, size), Image.LANCZOS)

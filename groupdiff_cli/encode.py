@@ -106,7 +106,7 @@ def center_crop(image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size].copy()  # writable, contiguous
 
 
-def load_rgb(path) -> "Image.Image":
+def load_rgb(path):
     """Decode any Pillow-readable image (CMYK, L, P, RGBA, ...) to RGB; alpha is dropped."""
     from PIL import Image
 
@@ -367,6 +367,6 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
     if not done:
         return None
     if state.is_main_process:
-        info = write_dataset_json(out, cfg, classes, num_shards)
+        write_dataset_json(out, cfg, classes, num_shards)
     state.wait_for_everyone()
     return json.loads((out / "dataset.json").read_text())

@@ -10,7 +10,6 @@ k steps + resume + k steps equal 2k steps in one go (bitwise on CPU in fp32).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -222,7 +221,6 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=o.max_steps, initial=step, unit="step", disable=not state.is_main_process)
     window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], time.perf_counter(), 0
-    c = raw.in_channels
     while step < o.max_steps:
         for m in range(o.grad_accum):
             batch = batches.batch(step * o.grad_accum + m, accelerator.device)
