@@ -144,7 +144,8 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--keep-last", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--keep-every", default=None, type=click.IntRange(1), help="Also keep every checkpoint at a multiple.")
 @click.option("--log-every", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--report-to", default=None, help="An accelerate tracker, e.g. tensorboard or wandb.")
+@click.option("--report-to", default=None,
+              help="An accelerate tracker, e.g. tensorboard or wandb (install its package first).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint, exactly.")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
