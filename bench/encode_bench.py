@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from PIL import Image
 
 from groupdiff_cli.encode import EncodeConfig, center_crop, encode, load_rgb, vae_moments
+from timing import median_seconds
 
 
 def main():
@@ -70,14 +69,8 @@ def main():
             encode(d / "src", out, cfg, batch_size=args.batch_size, num_workers=args.num_workers, cpu=True,
                    log=lambda m: None)
 
-        times = {"pipeline": [], "vae alone": []}
-        vae_alone(), pipeline()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in (("pipeline", pipeline), ("vae alone", vae_alone)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    rate = {k: args.images / statistics.median(v) for k, v in times.items()}
+        seconds = median_seconds({"pipeline": pipeline, "vae alone": vae_alone}, args.repeats)
+    rate = {k: args.images / v for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} JPEGs -> {args.image_size}px, "
           f"batch {args.batch_size}, {args.num_workers} decode worker(s), median of {args.repeats}")
     for k, v in rate.items():

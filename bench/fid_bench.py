@@ -13,9 +13,7 @@ Weights are random (nothing can be downloaded here); speed does not depend on th
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 
 from groupdiff_cli.fid import InceptionFeatures, NpzImages, extract_features
 from groupdiff_cli.testing import write_random_inception_weights
+from timing import median_seconds
 
 
 def main():
@@ -50,14 +49,8 @@ def main():
                                              batch_size=args.batch_size, cuda=torch.cuda.is_available(),
                                              cache=False, verbose=False, save_cpu_ram=True)
 
-        times = {"ours": [], "torch-fidelity": []}
-        ours(), theirs()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in (("ours", ours), ("torch-fidelity", theirs)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    rate = {k: args.images / statistics.median(v) for k, v in times.items()}
+        seconds = median_seconds({"ours": ours, "torch-fidelity": theirs}, args.repeats)
+    rate = {k: args.images / v for k, v in seconds.items()}
     print(f"torch {torch.__version__}, torch-fidelity {torch_fidelity.__version__}, {torch.get_num_threads()} threads, "
           f"{args.images} images 256px, batch {args.batch_size}, median of {args.repeats}")
     for k, v in rate.items():

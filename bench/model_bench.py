@@ -17,16 +17,16 @@ Targets (issue 2): ours/bare ratio within 1.05x; peak memory at N=16 <= 1.3x N=1
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from groupdiff_cli.models import count_flops, create_model
+from timing import median_seconds
 
 IMAGES = 16
 GROUP_SIZES = (1, 4, 16)
@@ -104,17 +104,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {IMAGES} images per batch, 256px latents")
     for name in args.models.split(","):
         ours, bare = make_runs(name)
-        times = {(kind, n): [] for kind in ("ours", "bare") for n in GROUP_SIZES}
-        for fn in (ours, bare):  # warm-up
-            for n in GROUP_SIZES:
-                fn(n)
-        for _ in range(args.repeats):  # interleaved so that machine noise hits all configs alike
-            for n in GROUP_SIZES:
-                for kind, fn in (("ours", ours), ("bare", bare)):
-                    t0 = time.perf_counter()
-                    fn(n)
-                    times[kind, n].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = median_seconds({(kind, n): partial(fn, n) for n in GROUP_SIZES
+                              for kind, fn in (("ours", ours), ("bare", bare))}, args.repeats)
         flops1 = count_flops(name, 1)
         mem = {}
         for n in GROUP_SIZES:

@@ -12,14 +12,14 @@ dominates; decoding is not included).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
 from groupdiff_cli.models import create_model
 from groupdiff_cli.objectives import DDPM
 from groupdiff_cli.sampling import Guidance, sample_groups
+from timing import median_seconds
 
 IMAGES = 16
 GROUP_SIZES = (1, 4, 16)
@@ -42,14 +42,9 @@ def main():
         g = Guidance(args.cfg_scale, None, (0.0, 1.0), 1, n)
         sample_groups(model, objective, labels, 0, n, g, seed=0, sampler="ddpm", steps=args.steps)
 
-    times = {n: [] for n in GROUP_SIZES}
     run(1)  # warm-up
-    for _ in range(args.repeats):
-        for n in GROUP_SIZES:
-            t0 = time.perf_counter()
-            run(n)
-            times[n].append(time.perf_counter() - t0)
-    rate = {n: IMAGES / statistics.median(v) for n, v in times.items()}
+    seconds = median_seconds({n: partial(run, n) for n in GROUP_SIZES}, args.repeats, warmup=False)
+    rate = {n: IMAGES / v for n, v in seconds.items()}
     print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, {IMAGES} images, "
           f"{args.steps} DDPM steps, cfg {args.cfg_scale}, median of {args.repeats}")
     print(f"{'N':>3} {'img/s':>8} {'ratio to N=1':>13}")

@@ -66,7 +66,6 @@ def main():
         step_s = {}
         for mode in ("none", "l", "f"):
             shutil.rmtree(d / "runs", ignore_errors=True)
-            t0 = time.perf_counter()
             train(TrainOptions(data=str(d / "data"), model=args.model, results_dir=str(d / "runs"),
                                group_mode=mode, group_size=4, group_ratio=0.1, global_batch_size=args.batch,
                                group_buffer=1024, max_steps=1 + args.steps, log_every=1, ckpt_every=10**9,

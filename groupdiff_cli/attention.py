@@ -16,7 +16,6 @@ GroupDiff-l model, both branches of a GroupDiff-f one.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -206,6 +205,7 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
                   cpu=False) -> dict:
     """The `groupdiff attention` job: measure, summarise, draw; returns the report."""
     from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.files import write_json_atomic
     from groupdiff_cli.objectives import objective_for
     from groupdiff_cli.sampling import Guidance, build_job
     from groupdiff_cli.vae import decode, load_vae
@@ -244,7 +244,7 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["figures"] = plot(report, examples, out)
-        (out / "attention.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(report, out / "attention.json")
     return report
 
 

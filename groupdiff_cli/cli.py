@@ -264,7 +264,7 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
 
     main_process = process_state(cpu).is_main_process
     job, model = build_job(
-        ckpt, out_dir, weights=weights, model_name=model_name, group_size=group_size, num_samples=num_samples,
+        ckpt, weights=weights, model_name=model_name, group_size=group_size, num_samples=num_samples,
         class_labels=_int_list(class_labels, "--class-labels"), random_labels=random_labels, cfg_scale=cfg_scale,
         cfg_channels=cfg_channels, guidance_interval=_interval(guidance_interval), cond_group_size=cond_group_size,
         uncond_group_size=uncond_group_size, sampler=sampler, steps=steps, seed=seed, vae=vae,
@@ -313,7 +313,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
     """
     from groupdiff_cli.attention import format_table, run_attention
     from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.fid import write_json_atomic
+    from groupdiff_cli.files import write_json_atomic
 
     sizes = _int_list(group_sizes, "--group-size")
     report = run_attention(ckpt, sizes, num_groups, out_dir, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
@@ -378,7 +378,7 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
     if process_state(cpu).is_main_process:
         click.echo(format_table(report))
         if json_out:
-            from groupdiff_cli.fid import write_json_atomic
+            from groupdiff_cli.files import write_json_atomic
 
             write_json_atomic(report, json_out)
 

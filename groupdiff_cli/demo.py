@@ -121,13 +121,12 @@ def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom:
 def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int = 20, group_size: int = 16,
              inception_weights=None, log=print) -> dict:
     """The whole chain on the shapes dataset; every stage resumes if rerun."""
-    import json
-
     import torch
     from PIL import Image
 
     from groupdiff_cli import fid
     from groupdiff_cli.encode import EncodeConfig, encode
+    from groupdiff_cli.files import write_json_atomic
     from groupdiff_cli.sampling import build_job, run_sampling
     from groupdiff_cli.train import TrainOptions, train
 
@@ -187,6 +186,6 @@ def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int =
             log(f"FID (N={n}, {len(results[n])} samples vs the dataset): {rep['metrics']['fid']:.2f}")
     else:
         log("FID skipped: pass --inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(report, out / "demo.json")
     log(f"[{time.perf_counter() - t0:5.0f}s] done; outputs under {out}")
     return report

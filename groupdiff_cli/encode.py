@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli import __version__
+from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
 from groupdiff_cli.vae import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -210,12 +211,6 @@ class EncodeConfig:
     seed: int = 0
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
 
@@ -227,56 +222,56 @@ def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out:
 
     loader = torch.utils.data.DataLoader(CroppedImages(root, items, indices, cfg.image_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate)
-    tmp_tar = out / f".{shard_name(k)}.tar.tmp"
     skipped = []
     count = 0
     lat_sum = lat_sq = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    with wds.TarWriter(str(tmp_tar)) as sink:
-        for batch in loader:
-            good = [(i, img) for i, img, err in batch if err is None]
-            skipped += [dict(path=items[i][0], error=err) for i, img, err in batch if err is not None]
-            if bar:
-                bar.update(len(batch))
-            if not good:
-                continue
-            idx = [i for i, _ in good]
-            images = torch.from_numpy(np.stack([img for _, img in good])).permute(0, 3, 1, 2)
-            fields: dict[str, list] = {}
-            with autocast:
-                if vae is not None:
-                    mean, std = vae_moments(vae, images)
-                    fields["mean.npy"], fields["std.npy"] = mean.half().cpu().numpy(), std.half().cpu().numpy()
-                    latents = mean.double() * cfg.vae_scale
-                    if cfg.flip:
-                        fmean, fstd = vae_moments(vae, images.flip(-1))
-                        fields["flip_mean.npy"] = fmean.half().cpu().numpy()
-                        fields["flip_std.npy"] = fstd.half().cpu().numpy()
-                else:
-                    latents = images.double() / 127.5 - 1
-                if embedder is not None:
-                    fields["emb.npy"] = embedder(images.to(device)).half().cpu().numpy()
-            s = latents.sum(dim=(0, 2, 3)).cpu().numpy()
-            q = latents.square().sum(dim=(0, 2, 3)).cpu().numpy()
-            lat_sum, lat_sq = (s, q) if lat_sum is None else (lat_sum + s, lat_sq + q)
-            for j, i in enumerate(idx):
-                sample = {"__key__": f"{i:09d}", "cls": items[i][1], "path.txt": items[i][0]}
-                if vae is None:
-                    sample["image.png"] = good[j][1]
-                for name, arr in fields.items():
-                    sample[name] = arr[j]
-                sink.write(sample)
-            count += len(idx)
-    latent_hw = None if lat_sum is None else int(images.shape[-1] if vae is None else mean.shape[-1])
-    meta = dict(shard=f"{shard_name(k)}.tar", count=count, skipped=skipped,
-                latent_sum=None if lat_sum is None else lat_sum.tolist(),
-                latent_sqsum=None if lat_sq is None else lat_sq.tolist(),
-                latent_shape=None if lat_sum is None else [len(lat_sum), latent_hw, latent_hw],
-                embedder_dim=None if embedder is None else embedder.dim)
-    # the .json first, then the .tar: a .tar on disk always has its .json
-    _atomic_write(out / f"{shard_name(k)}.json", json.dumps(meta))
-    os.replace(tmp_tar, out / f"{shard_name(k)}.tar")
+    with atomic_path(out / f"{shard_name(k)}.tar") as tmp_tar:
+        with wds.TarWriter(str(tmp_tar)) as sink:
+            for batch in loader:
+                good = [(i, img) for i, img, err in batch if err is None]
+                skipped += [dict(path=items[i][0], error=err) for i, img, err in batch if err is not None]
+                if bar:
+                    bar.update(len(batch))
+                if not good:
+                    continue
+                idx = [i for i, _ in good]
+                images = torch.from_numpy(np.stack([img for _, img in good])).permute(0, 3, 1, 2)
+                fields: dict[str, list] = {}
+                with autocast:
+                    if vae is not None:
+                        mean, std = vae_moments(vae, images)
+                        fields["mean.npy"], fields["std.npy"] = mean.half().cpu().numpy(), std.half().cpu().numpy()
+                        latents = mean.double() * cfg.vae_scale
+                        if cfg.flip:
+                            fmean, fstd = vae_moments(vae, images.flip(-1))
+                            fields["flip_mean.npy"] = fmean.half().cpu().numpy()
+                            fields["flip_std.npy"] = fstd.half().cpu().numpy()
+                    else:
+                        latents = images.double() / 127.5 - 1
+                    if embedder is not None:
+                        fields["emb.npy"] = embedder(images.to(device)).half().cpu().numpy()
+                s = latents.sum(dim=(0, 2, 3)).cpu().numpy()
+                q = latents.square().sum(dim=(0, 2, 3)).cpu().numpy()
+                lat_sum, lat_sq = (s, q) if lat_sum is None else (lat_sum + s, lat_sq + q)
+                for j, i in enumerate(idx):
+                    sample = {"__key__": f"{i:09d}", "cls": items[i][1], "path.txt": items[i][0]}
+                    if vae is None:
+                        sample["image.png"] = good[j][1]
+                    for name, arr in fields.items():
+                        sample[name] = arr[j]
+                    sink.write(sample)
+                count += len(idx)
+        hw = None if lat_sum is None else int(latents.shape[-1])
+        meta = dict(shard=f"{shard_name(k)}.tar", count=count, skipped=skipped,
+                    latent_sum=None if lat_sum is None else lat_sum.tolist(),
+                    latent_sqsum=None if lat_sq is None else lat_sq.tolist(),
+                    latent_shape=None if lat_sum is None else [len(lat_sum), hw, hw],
+                    embedder_dim=None if embedder is None else embedder.dim)
+        # the .json first; the .tar is renamed into place as this block ends, so a
+        # .tar on disk always has its .json
+        write_text_atomic(out / f"{shard_name(k)}.json", json.dumps(meta))
     return meta
 
 
@@ -299,7 +294,7 @@ def write_dataset_json(out: Path, cfg: EncodeConfig, classes, num_shards: int) -
         flip=cfg.flip and cfg.vae != PIXEL, crop=CROP, embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
         embedder_dim=metas[0]["embedder_dim"], shards=[m["shard"] for m in metas], shard_size=cfg.shard_size,
         seed=cfg.seed, skipped_count=len(skipped), skipped=skipped, groupdiff=__version__)
-    _atomic_write(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / "dataset.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -320,12 +315,7 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
         cfg.vae = str(Path(cfg.vae).expanduser().resolve())
     record = asdict(cfg)
     config_file = out / "encode_config.json"
-    if config_file.exists():
-        if json.loads(config_file.read_text()) != record:
-            raise ValueError(f"OUT {out}: holds shards of a different configuration (see {config_file}); "
-                             f"choose another OUT or delete it")
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"OUT {out}: not empty and not a groupdiff encode output; choose another OUT")
+    check_output_dir(out, config_file, record, "OUT", "shards")
     if not Path(src).exists():
         raise FileNotFoundError(f"SRC {src}: no such folder or list file")
     # load the encoders before writing anything, so that a bad flag leaves OUT as it was
@@ -338,9 +328,9 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
         out.mkdir(parents=True, exist_ok=True)
         if not listing.exists():  # listed once, by one process; the others read the file
             items, classes = list_source(src)
-            _atomic_write(listing, json.dumps(classes) + "\n" + "".join(f"{p}\t{y}\n" for p, y in items))
+            write_text_atomic(listing, json.dumps(classes) + "\n" + "".join(f"{p}\t{y}\n" for p, y in items))
         if not config_file.exists():
-            _atomic_write(config_file, json.dumps(record, indent=2) + "\n")
+            write_text_atomic(config_file, json.dumps(record, indent=2) + "\n")
     state.wait_for_everyone()
     lines = listing.read_text().splitlines()
     classes = json.loads(lines[0])

@@ -20,14 +20,17 @@ reference images against the samples.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from groupdiff_cli.files import atomic_path
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
 METRICS = ("fid", "sfid", "isc", "prc", "kid")
@@ -162,8 +165,9 @@ class InceptionFeatures(torch.nn.Module):
             weights_path = str(weights_path)
             if not os.path.isfile(weights_path):
                 raise ValueError(f"--inception-weights {weights_path}: no such file")
+            data = Path(weights_path).read_bytes()
             try:  # check it is a plain tensor file before torch-fidelity unpickles it
-                torch.load(weights_path, map_location="cpu", weights_only=True)
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as e:
                 raise ValueError(f"--inception-weights {weights_path}: unreadable weights file "
                                  f"({type(e).__name__})") from None
@@ -181,7 +185,10 @@ class InceptionFeatures(torch.nn.Module):
                              ) from None
         if weights_path is None:
             weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
-        self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=sha256_file(weights_path))
+            sha = sha256_file(weights_path)
+        else:
+            sha = hashlib.sha256(data).hexdigest()
+        self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=sha)
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -371,7 +378,6 @@ class Reference:
     images: torch.utils.data.Dataset | None = None  # images to get `pool` from, on demand
     count: int | None = None  # images behind the statistics, when known
     sha256: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def has(self, metric: str) -> bool:
         return {
@@ -417,9 +423,8 @@ def save_reference(ref: Reference, path) -> None:
     """Write reference statistics (and the pool features for P/R) atomically."""
     path = Path(path)
     arrays = {k: getattr(ref, k) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if getattr(ref, k) is not None}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, count=np.int64(ref.count or 0), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, count=np.int64(ref.count or 0), **arrays)
 
 
 def is_stats_file(path: Path) -> bool:
@@ -536,12 +541,3 @@ def format_table(report: dict) -> str:
     rows.append(("reference", f"{r['path']}" + (f"  ({r['count']} images)" if r["count"] else "")))
     w = max(len(k) for k, _ in rows)
     return "\n".join([f"{k.ljust(w)}  {v}" for k, v in rows] + [f"note: {n}" for n in report["notes"]])
-
-
-def write_json_atomic(obj, path) -> None:
-    import json
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

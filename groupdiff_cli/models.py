@@ -130,11 +130,6 @@ def group_runs(group_size: GroupSize, batch: int, max_group_size: int) -> tuple[
     return tuple((count, n) for count, n in runs)
 
 
-def sizes_per_image(runs: tuple[tuple[int, int], ...]) -> list[int]:
-    """Group size of every group, in batch order (the inverse of ``group_runs``)."""
-    return [n for count, n in runs for _ in range(count // n)]
-
-
 # --------------------------------------------------------------------------- #
 #  Transformer blocks                                                          #
 # --------------------------------------------------------------------------- #

@@ -74,8 +74,12 @@ class DDPM:
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # the posterior variance is 0 at t = 0: clip its log with the next value
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # the posterior variance is 0 at t = 0: clip its log with the next value (a
+        # one-step process has none: use the beta variance there)
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:]) if len(pv) > 1 else betas)
+        # ADM's fixed "large" variance, for models without learned sigma
+        self.large_log_variance = np.log(np.append(pv[1], betas[1:]) if len(pv) > 1 else betas)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
@@ -120,7 +124,7 @@ class DDPM:
             max_log = _gather(np.log(self.betas), t, xt)
             log_var = frac * max_log + (1 - frac) * min_log
         else:  # fixed "large" variance, as ADM without learned sigma
-            log_var = _gather(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, xt).expand_as(xt)
+            log_var = _gather(self.large_log_variance, t, xt).expand_as(xt)
         x0 = self.predict_x0(xt, t, eps)
         mean, _, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0, eps
@@ -271,7 +275,7 @@ def objective_for(family_or_name: str, learn_sigma: bool = True, steps: int | No
 
     name = FAMILIES.get(family_or_name, family_or_name)
     if name == "ddpm":
-        return DDPM.respaced(steps or DDPM.default_steps, learn_sigma=learn_sigma) if steps else DDPM(learn_sigma=learn_sigma)
+        return DDPM.respaced(steps, learn_sigma=learn_sigma) if steps else DDPM(learn_sigma=learn_sigma)
     if name == "flow":
         return Flow(learn_sigma=learn_sigma)
     raise ValueError(f"unknown objective {family_or_name!r}; choose from ddpm, flow")

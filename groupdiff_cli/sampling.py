@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
 from groupdiff_cli.objectives import DDPM, Flow
 
 GROUP_SEED_OFFSET = 2**32
@@ -150,9 +150,8 @@ def grid_image(images: np.ndarray) -> np.ndarray:
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarray) -> None:
@@ -160,8 +159,7 @@ def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarra
     chunk, so 50k images never sit in memory at once; atomic (temp name + rename)."""
     import zipfile
 
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -170,7 +168,6 @@ def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarra
                 f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
         with zf.open("arr_1.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, labels.astype(np.int64))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- #
@@ -224,20 +221,13 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
     config_file = out / "sample_config.json"
     record = json.loads(json.dumps(asdict(job)))  # tuples -> lists, as read back
     # every rank checks before anyone writes, so that a refusal stops all of them
-    if config_file.exists():
-        if json.loads(config_file.read_text()) != record:
-            raise ValueError(f"--out {out}: holds samples of a different configuration "
-                             f"(see {config_file}); choose another --out or delete it")
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: not empty and not a groupdiff sample output; choose another --out")
+    check_output_dir(out, config_file, record, "--out", "samples")
     state.wait_for_everyone()
     if state.is_main_process:
         for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
             d.mkdir(parents=True, exist_ok=True)
         if not config_file.exists():
-            tmp = config_file.with_name("sample_config.json.tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, config_file)
+            write_json_atomic(record, config_file)
     state.wait_for_everyone()
 
     groups_per_batch = max(1, batch_size // job.group_size)
@@ -268,9 +258,8 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
                 for i, img in enumerate(members):
                     _save_png(img, out / "images" / f"{g * job.group_size + i:06d}.png")
         labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
-        tmp = chunks_dir / f"chunk_{k:05d}.tmp.npz"
-        np.savez(tmp, arr_0=images, arr_1=labels)
-        os.replace(tmp, chunks_dir / f"chunk_{k:05d}.npz")  # a chunk on disk is a finished chunk
+        with atomic_path(chunks_dir / f"chunk_{k:05d}.npz") as tmp:  # a chunk on disk is a finished chunk
+            np.savez(tmp, arr_0=images, arr_1=labels)
     bar.close()
     state.wait_for_everyone()
 
@@ -286,15 +275,14 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
         with np.load(chunks_dir / "chunk_00000.npz") as f:
             shape = f["arr_0"].shape[1:]
         write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
-        tmp = out / "labels.tmp.npy"
-        np.save(tmp, all_labels)
-        os.replace(tmp, out / "labels.npy")
+        with atomic_path(out / "labels.npy") as tmp:
+            np.save(tmp, all_labels)
     state.wait_for_everyone()
     return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
                 processes=state.num_processes)
 
 
-def build_job(ckpt, out_dir=None, *, weights="ema", model_name=None, group_size=None, num_samples=None,
+def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,
               class_labels=None, random_labels=False, cfg_scale=1.5, cfg_channels=None, guidance_interval=(0.0, 1.0),
               cond_group_size=None, uncond_group_size=None, sampler=None, steps=None, seed=0, vae=None,
               chunk_groups=None, warn=print):

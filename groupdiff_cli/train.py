@@ -21,6 +21,7 @@ import torch
 from groupdiff_cli import __version__
 from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, checkpoint_dirs
 from groupdiff_cli.data import GroupBatches, derived_seed, read_dataset
+from groupdiff_cli.files import write_json_atomic
 from groupdiff_cli.models import FAMILIES, MODELS, create_model, load_pretrained
 from groupdiff_cli.objectives import DDPM, Flow
 
@@ -177,9 +178,7 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             log(f"resuming {run_dir} from step {step}")
     elif state.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, run_dir / "config.json")
+        write_json_atomic(config, run_dir / "config.json")
     accelerator.wait_for_everyone()
 
     ema = ema.to(accelerator.device)
@@ -227,10 +226,10 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             gen = torch.Generator().manual_seed(derived_seed(o.seed, state.process_index, step, m, 1))
             x0, b = batch.latents, batch.latents.shape[0]
             # one time per group (shared by its members), jittered by --timestep-variance
-            per_group = torch.rand(len(batch.group_sizes), generator=gen)
-            t = torch.repeat_interleave(per_group, torch.tensor(batch.group_sizes))
+            sizes = torch.tensor(batch.group_sizes)
+            t = torch.rand(len(sizes), generator=gen).repeat_interleave(sizes)
             jitter = torch.randn(b, generator=gen) * (o.timestep_variance / 1000)
-            t = (t + jitter * (torch.tensor(batch.group_sizes).repeat_interleave(torch.tensor(batch.group_sizes)) > 1))
+            t = t + jitter * (sizes.repeat_interleave(sizes) > 1)  # singles keep their own time
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)
             ids_gen = torch.Generator(device=accelerator.device).manual_seed(
                 derived_seed(o.seed, state.process_index, step, m, 2))

@@ -136,7 +136,7 @@ def test_interrupted_job_resumes_to_the_same_shards(assets, encoded, tmp_path):
     assert first.exit_code == 0 and "rerun the same command" in first.output
     assert len(list(out.glob("shard-*.tar"))) == 2 and not (out / "dataset.json").exists()
     # a crash in the middle of shard 2 leaves only a temporary file behind
-    (out / ".shard-000002.tar.tmp").write_bytes(b"partial")
+    (out / ".shard-000002.tmp.tar").write_bytes(b"partial")
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
     again = CliRunner().invoke(main, encode_args(assets, out))
     assert again.exit_code == 0, again.output

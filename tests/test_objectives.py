@@ -158,3 +158,11 @@ def test_flow_loss_is_the_velocity_mse():
     assert torch.allclose(Flow().training_loss(out, x0, noise), torch.zeros(2), atol=1e-7)
     assert torch.allclose(Flow().training_loss(torch.zeros(2, 8, 2, 2), x0, noise),
                           (noise - x0).square().flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_a_one_step_ddpm_sampler_runs(learn_sigma):
+    d = DDPM.respaced(1, learn_sigma=learn_sigma)
+    out = d.sample(lambda x, t: torch.zeros(x.shape[0], 2 if learn_sigma else 1, 1, 1), torch.ones(1, 1, 1, 1),
+                   lambda k: torch.zeros(1, 1, 1, 1), "ddpm")
+    assert torch.isfinite(out).all()
