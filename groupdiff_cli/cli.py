@@ -386,15 +386,15 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 @main.command()
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Where the dataset, shards, run, samples and pictures go; rerunning resumes.")
-@click.option("--steps", default=500, show_default=True, type=click.IntRange(1), help="Training steps.")
+@click.option("--steps", default=1200, show_default=True, type=click.IntRange(1), help="Training steps.")
 @click.option("--per-class", default=400, show_default=True, type=click.IntRange(8), help="Images per class.")
 @click.option("--sample-steps", default=20, show_default=True, type=click.IntRange(1), help="Heun sampling steps.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's Inception weights file: adds FID of both sample sets.")
 def demo(out_dir, steps, per_class, sample_steps, inception_weights):
-    """Run the real chain on a bundled procedural dataset (8 shape classes, 16x16):
+    """Run the real chain on a bundled procedural dataset (8 shape classes, 32x32):
     encode -> train a small GroupDiff-l SiT -> sample groups of 16 next to the same
-    seeds one by one -> FID (with --inception-weights). About 10 minutes on 2 CPU cores."""
+    seeds one by one -> FID (with --inception-weights). About 9 minutes on 2 CPU cores."""
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, per_class=per_class, steps=steps, sample_steps=sample_steps, inception_weights=inception_weights,

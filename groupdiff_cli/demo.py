@@ -43,8 +43,8 @@ def draw_shape(cls: int, rng: np.random.Generator, size: int = SIZE):
         fg = tuple(255 - v for v in bg)
     img = Image.new("RGB", (s, s), bg)
     d = ImageDraw.Draw(img)
-    r = s * rng.uniform(0.22, 0.38)
-    cx, cy = s / 2 + rng.uniform(-0.12, 0.12) * s, s / 2 + rng.uniform(-0.12, 0.12) * s
+    r = s * rng.uniform(0.28, 0.40)
+    cx, cy = s / 2 + rng.uniform(-0.04, 0.04) * s, s / 2 + rng.uniform(-0.04, 0.04) * s
     rot = rng.uniform(0, 2 * math.pi)
     name = CLASSES[cls]
     if name == "circle":
@@ -98,8 +98,7 @@ def write_dataset(root, per_class: int = 400, seed: int = 0, size: int = SIZE) -
     return root
 
 
-DEMO_IMAGE_SIZE = 16
-DEMO_MODEL = "SiT-Ti/2"
+DEMO_MODEL = "SiT-Mi/4"  # 64 tokens of 4x4 pixels; see README "What to expect" for the choice
 
 
 def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom: int = 4) -> np.ndarray:
@@ -118,7 +117,7 @@ def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom:
     return img.repeat(zoom, 0).repeat(zoom, 1)
 
 
-def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int = 20, group_size: int = 16,
+def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int = 20, group_size: int = 16,
              inception_weights=None, log=print) -> dict:
     """The whole chain on the shapes dataset; every stage resumes if rerun."""
     import torch
@@ -132,7 +131,7 @@ def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int =
 
     t0 = time.perf_counter()
     out = Path(out)
-    shapes = write_dataset(out / "shapes", per_class, size=DEMO_IMAGE_SIZE)
+    shapes = write_dataset(out / "shapes", per_class, size=SIZE)
     log(f"[{time.perf_counter() - t0:5.0f}s] dataset: {len(CLASSES)} classes x {per_class} images in {shapes}")
 
     # No pretrained encoder can be fetched offline: a randomly initialised timm ResNet
@@ -147,14 +146,14 @@ def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int =
         save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(emb_file))
     data = out / "data"
     if not (data / "dataset.json").exists():
-        encode(shapes, data, EncodeConfig(src=str(shapes), image_size=DEMO_IMAGE_SIZE, vae="pixel",
+        encode(shapes, data, EncodeConfig(src=str(shapes), image_size=SIZE, vae="pixel",
                                           embedder="resnet18", embedder_size=64, shard_size=1000),
                embedder_weights=str(emb_file), batch_size=128, num_workers=0, cpu=True, log=lambda m: None)
     log(f"[{time.perf_counter() - t0:5.0f}s] encoded: {data}")
 
     opts = TrainOptions(data=str(data), model=DEMO_MODEL, results_dir=str(out / "runs"), run_name="demo",
-                        group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=32, group_buffer=3200,
-                        max_steps=steps, lr=2e-3, ema_decay=0.995, ckpt_every=max(1, steps // 2), log_every=50,
+                        group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64, group_buffer=3200,
+                        max_steps=steps, lr=6e-3, ema_decay=0.995, ckpt_every=max(1, steps // 2), log_every=50,
                         cpu=True)
     run = out / "runs" / "demo"
     done = [p for p in (run / "checkpoints").glob("step_*")] if run.exists() else []
@@ -178,9 +177,10 @@ def run_demo(out, *, per_class: int = 400, steps: int = 500, sample_steps: int =
     report = dict(grid=str(grid), run=str(run), samples={n: str(out / f"samples_N{n}") for n in results})
     if inception_weights:
         stats = out / "shapes_inception_stats.npz"  # the reference's features, extracted once
+        extractor = fid.InceptionFeatures(inception_weights)
         for n in results:
             ref = stats if stats.exists() else shapes
-            rep = fid.evaluate(out / f"samples_N{n}", ref, ("fid",), inception_weights=inception_weights, cpu=True,
+            rep = fid.evaluate(out / f"samples_N{n}", ref, ("fid",), extractor=extractor, cpu=True,
                                save_ref_stats=None if stats.exists() else stats)
             report[f"fid_N{n}"] = rep["metrics"]["fid"]
             log(f"FID (N={n}, {len(results[n])} samples vs the dataset): {rep['metrics']['fid']:.2f}")

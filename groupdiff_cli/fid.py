@@ -436,9 +436,13 @@ def is_stats_file(path: Path) -> bool:
 # --------------------------------------------------------------------------- #
 def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None, batch_size: int = 100,
              num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
-             seed: int = 0, cpu: bool = False, explicit_metrics: bool = True) -> dict:
+             seed: int = 0, cpu: bool = False, explicit_metrics: bool = True,
+             extractor: InceptionFeatures | None = None) -> dict:
     """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
     the provenance (counts, hashes, feature extractor and weights) as a dict.
+
+    ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
+    ``inception_weights`` is not read).
 
     With ``explicit_metrics=False`` (the default metric set) a metric the reference
     cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
@@ -460,7 +464,7 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     if save_ref_stats and is_stats_file(ref_path):
         raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
 
-    extractor = InceptionFeatures(inception_weights)
+    extractor = extractor or InceptionFeatures(inception_weights)
     notes = []
     if is_stats_file(ref_path):
         ref = load_reference_stats(ref_path)

@@ -340,10 +340,12 @@ class GroupDiT(nn.Module):
 # --------------------------------------------------------------------------- #
 #  Registry                                                                    #
 # --------------------------------------------------------------------------- #
-# depth, hidden size, heads (DiT paper, Table 1). "Ti" (DeiT-Tiny's widths) is ours:
-# for CPU experiments, the demo and tests; the paper has no Ti models.
+# depth, hidden size, heads (DiT paper, Table 1). "Ti" (DeiT-Tiny's widths) and "Mi"
+# are ours, for CPU work: Ti for tests and experiments, Mi (a quarter of Ti's cost per
+# token) for the CPU demo. The paper has neither.
 SIZES = {
     "Ti": dict(depth=12, hidden_size=192, num_heads=3),
+    "Mi": dict(depth=6, hidden_size=128, num_heads=4),
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

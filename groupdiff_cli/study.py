@@ -29,6 +29,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     if num_samples % biggest:
         raise ValueError(f"--num-samples {num_samples} is not a multiple of the largest group size {biggest}")
     rows = []
+    extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     for n in group_sizes:
         job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, warn=log)
@@ -39,8 +40,8 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
             stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
             if not fid.is_stats_file(Path(ref)) and stats.exists():
                 ref = stats
-            rep = fid.evaluate(out / f"N{n}", ref, ("fid",), inception_weights=inception_weights,
-                               bootstrap=bootstrap, bootstrap_block=n, seed=seed, cpu=cpu,
+            rep = fid.evaluate(out / f"N{n}", ref, ("fid",), extractor=extractor, bootstrap=bootstrap,
+                               bootstrap_block=n, seed=seed, cpu=cpu,
                                save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
             m = rep["metrics"]
             row.update(fid=m["fid"])

@@ -152,6 +152,16 @@ def test_npz_folder_and_sample_dir_give_the_same_numbers(data):
     assert fe["name"] == "inception-v3-compat" and fe["sha256"] == fid.sha256_file(data["weights"])
 
 
+def test_a_reused_extractor_gives_the_numbers_and_provenance_of_a_fresh_one(data):
+    d = data["dir"]
+    fresh = fid.evaluate(d / "samples.npz", d / "ref.npz", ("fid", "isc"), inception_weights=data["weights"], cpu=True)
+    ext = fid.InceptionFeatures(data["weights"])
+    for _ in range(2):  # as `study` and `demo` do: one network for every sample set
+        again = fid.evaluate(d / "samples.npz", d / "ref.npz", ("fid", "isc"), extractor=ext, cpu=True)
+        assert again["metrics"] == fresh["metrics"]
+        assert again["feature_extractor"] == fresh["feature_extractor"]
+
+
 def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
     d = data["dir"]
     direct = run_fid(d / "samples.npz", d / "ref.npz", "--inception-weights", data["weights"],
