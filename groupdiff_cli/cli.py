@@ -394,7 +394,7 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 def demo(out_dir, steps, per_class, sample_steps, inception_weights):
     """Run the real chain on a bundled procedural dataset (8 shape classes, 32x32):
     encode -> train a small GroupDiff-l SiT -> sample groups of 16 next to the same
-    seeds one by one -> FID (with --inception-weights). About 9 minutes on 2 CPU cores."""
+    seeds one by one -> FID (with --inception-weights). About 8.5 minutes on 2 CPU cores."""
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, per_class=per_class, steps=steps, sample_steps=sample_steps, inception_weights=inception_weights,
