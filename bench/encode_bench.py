@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from groupdiff_cli.encode import EncodeConfig, center_crop, encode, load_rgb, vae_moments
-from timing import median_seconds
+from timing import median_seconds, print_rates
 
 
 def main():
@@ -70,12 +70,9 @@ def main():
                    log=lambda m: None)
 
         seconds = median_seconds({"pipeline": pipeline, "vae alone": vae_alone}, args.repeats)
-    rate = {k: args.images / v for k, v in seconds.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} JPEGs -> {args.image_size}px, "
           f"batch {args.batch_size}, {args.num_workers} decode worker(s), median of {args.repeats}")
-    for k, v in rate.items():
-        print(f"{k:>10}: {v:8.1f} img/s")
-    print(f"{'ratio':>10}: {rate['pipeline'] / rate['vae alone']:8.3f}x (pipeline / VAE alone)")
+    print_rates(seconds, args.images, "pipeline", "vae alone", digits=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from groupdiff_cli.fid import InceptionFeatures, NpzImages, extract_features
 from groupdiff_cli.testing import write_random_inception_weights
-from timing import median_seconds
+from timing import median_seconds, print_rates
 
 
 def main():
@@ -50,12 +50,9 @@ def main():
                                              cache=False, verbose=False, save_cpu_ram=True)
 
         seconds = median_seconds({"ours": ours, "torch-fidelity": theirs}, args.repeats)
-    rate = {k: args.images / v for k, v in seconds.items()}
     print(f"torch {torch.__version__}, torch-fidelity {torch_fidelity.__version__}, {torch.get_num_threads()} threads, "
           f"{args.images} images 256px, batch {args.batch_size}, median of {args.repeats}")
-    for k, v in rate.items():
-        print(f"{k:>15}: {v:7.2f} img/s")
-    print(f"{'ratio':>15}: {rate['ours'] / rate['torch-fidelity']:7.3f}x (ours / torch-fidelity)")
+    print_rates(seconds, args.images, "ours", "torch-fidelity")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,12 @@ def median_seconds(fns: dict[Hashable, Callable[[], object]], repeats: int, warm
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def print_rates(seconds: dict, count: int, ours: str, base: str, digits: int = 2) -> None:
+    """Images per second for each timed function, then the ratio ours / base."""
+    rate = {k: count / v for k, v in seconds.items()}
+    width = max(len(str(k)) for k in rate)
+    for k, v in rate.items():
+        print(f"{k:>{width}}: {v:8.{digits}f} img/s")
+    print(f"{'ratio':>{width}}: {rate[ours] / rate[base]:8.3f}x ({ours} / {base})")

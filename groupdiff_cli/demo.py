@@ -131,7 +131,7 @@ def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int 
 
     t0 = time.perf_counter()
     out = Path(out)
-    shapes = write_dataset(out / "shapes", per_class, size=SIZE)
+    shapes = write_dataset(out / "shapes", per_class)
     log(f"[{time.perf_counter() - t0:5.0f}s] dataset: {len(CLASSES)} classes x {per_class} images in {shapes}")
 
     # No pretrained encoder can be fetched offline: a randomly initialised timm ResNet
