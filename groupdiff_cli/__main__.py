@@ -2,4 +2,5 @@
 
 from groupdiff_cli.cli import main
 
-main(prog_name="groupdiff")
+if __name__ == "__main__":
+    main(prog_name="groupdiff")

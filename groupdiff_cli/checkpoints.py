@@ -15,10 +15,10 @@ the latent space (VAE id, latent scale, image size).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config
+from groupdiff_cli.files import read_json_file
+from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config, read_safetensors
 
 CHECKPOINT_PREFIX = "step_"
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
@@ -59,14 +59,18 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
         raise ValueError(f"--weights {weights}: choose from {', '.join(WEIGHT_FILES)}")
     run_dir, ckpt_dir = _run_of(path)
     if run_dir is not None:
-        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg = read_json_file(run_dir / "config.json", "--ckpt")
+        if not isinstance(cfg.get("model"), dict):
+            raise ValueError(f"--ckpt: {run_dir / 'config.json'} has no model description")
         model = model_from_config(cfg["model"])
         file = path if path.is_file() else ckpt_dir / WEIGHT_FILES[weights]
         if not file.is_file():
             raise ValueError(f"--ckpt {ckpt_dir}: no {file.name} in this checkpoint")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(file)), strict=True)
+        try:
+            model.load_state_dict(read_safetensors(file), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"--ckpt {file}: does not fit the model in config.json "
+                             f"({str(e).splitlines()[0]})") from None
         return model.eval(), dict(cfg, checkpoint=str(file))
     if path.is_dir():
         raise ValueError(f"--ckpt {path}: neither a run directory (with config.json) nor a checkpoint file")

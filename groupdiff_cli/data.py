@@ -16,7 +16,6 @@ batch, is skipped), so no image is used twice before the stream wraps.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,27 +23,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli.files import InputError, read_json_file
+
 
 def derived_seed(*ints: int) -> int:
     """A 63-bit seed derived from integers (the same in every process and run)."""
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def read_dataset(data_dir) -> dict:
+DATASET_KEYS = ("shards", "num_classes", "latent_shape", "vae", "vae_scale")
+
+
+def read_dataset(data_dir, flag: str = "--data") -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"--data {data_dir}: no such directory")
+        raise ValueError(f"{flag} {data_dir}: no such directory")
     meta = data_dir / "dataset.json"
     if not meta.is_file():
-        raise ValueError(f"--data {data_dir}: no dataset.json (encode the images first with `groupdiff encode`)")
-    info = json.loads(meta.read_text())
+        raise ValueError(f"{flag} {data_dir}: no dataset.json (encode the images first with `groupdiff encode`)")
+    info = read_json_file(meta, flag)
+    missing = [k for k in DATASET_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"{flag}: {meta} lacks {', '.join(missing)}; not written by `groupdiff encode`")
     counts = []
     for shard in info["shards"]:
         if not (data_dir / shard).is_file():
-            raise ValueError(f"--data {data_dir}: shard {shard} listed in dataset.json is missing")
-        counts.append(json.loads((data_dir / shard.replace(".tar", ".json")).read_text())["count"])
+            raise ValueError(f"{flag} {data_dir}: shard {shard} listed in dataset.json is missing")
+        side = read_json_file(data_dir / shard.replace(".tar", ".json"), flag)
+        if not isinstance(side.get("count"), int):
+            raise ValueError(f"{flag}: {data_dir / shard.replace('.tar', '.json')} has no sample count")
+        counts.append(side["count"])
     if sum(counts) == 0:
-        raise ValueError(f"--data {data_dir}: the shards hold no samples")
+        raise ValueError(f"{flag} {data_dir}: the shards hold no samples")
     info["shard_counts"] = counts
     info["dir"] = str(data_dir)
     return info
@@ -65,14 +75,33 @@ def _this_shard(urls):
     return urls
 
 
-def _records(path: Path):
+def _records(path: Path, expected: int):
+    """The shard's records; a shard that cannot be read, or holds fewer records than its
+    sidecar says, is an InputError naming it (the run stops; its checkpoints stay)."""
+    n = 0
+    try:
+        for rec in _read_shard(path):
+            n += 1
+            yield rec
+    except InputError:
+        raise
+    except Exception as e:  # tarfile, decoding and OS errors from inside webdataset
+        raise InputError(f"shard {path} is corrupt after {n} record(s) ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); re-encode it") from None
+    if n != expected:
+        raise InputError(f"shard {path} holds {n} record(s) but its .json says {expected}; re-encode it")
+
+
+def _read_shard(path: Path):
     import webdataset as wds
 
     # the shard is already this process's own (SampleStream splits shards between the
-    # processes), so webdataset must not split it again
+    # processes), so webdataset must not split it again; errors must surface, not be skipped
     ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=_this_shard,
-                        workersplitter=_this_shard)
+                        workersplitter=_this_shard, handler=wds.reraise_exception)
     for s in ds.decode("rgb8"):
+        if "cls" not in s or not ("image.png" in s or "mean.npy" in s):
+            raise InputError(f"shard {path}: record {s.get('__key__')} lacks its label or latents; re-encode it")
         if "image.png" in s:
             yield Record(s["__key__"], int(s["cls"]), s["image.png"], None, None, None, s.get("emb.npy"))
         else:
@@ -106,7 +135,7 @@ class SampleStream:
                 if pos + self.counts[k] <= start:  # skip a whole shard without reading it
                     pos += self.counts[k]
                     continue
-                for rec in _records(self.dir / self.shards[k]):
+                for rec in _records(self.dir / self.shards[k], self.counts[k]):
                     if pos >= start:
                         yield rec
                     pos += 1
@@ -147,6 +176,18 @@ def build_groups(emb: np.ndarray | None, labels: np.ndarray, num_groups: int, n:
     return groups
 
 
+def pair_similarity(emb: np.ndarray, threshold: float, pairs: int = 20_000, rng=None) -> dict:
+    """The cosine similarity of random pairs of a window's embeddings: median and the
+    fraction at or above the threshold. Near 1, similarity groups are random groups
+    (e.g. a randomly initialised embedder: every pair looks alike)."""
+    rng = rng or np.random.default_rng(0)
+    i, j = rng.integers(0, len(emb), pairs), rng.integers(0, len(emb), pairs)
+    keep = i != j
+    sim = np.einsum("nd,nd->n", emb[i[keep]], emb[j[keep]])
+    return dict(median=float(np.median(sim)), passing=float((sim >= threshold).mean()),
+                p10=float(np.percentile(sim, 10)), p90=float(np.percentile(sim, 90)))
+
+
 @dataclass
 class Batch:
     """One process's micro-batch: flat images, consecutive groups."""
@@ -177,7 +218,10 @@ class GroupBatches:
         self.stream = SampleStream(info, rank, world, seed)
         self.b, self.n, self.mode, self.ratio = batch_size, group_size, mode, ratio
         self.grouping, self.threshold, self.window, self.seed = grouping, threshold, window, seed
-        self.rank, self.num_classes, self.flip, self.label_dropout = rank, num_classes, flip, label_dropout
+        # mirror only where the data allows it (`encode --no-flip` records flip: false)
+        self.rank, self.num_classes, self.label_dropout = rank, num_classes, label_dropout
+        self.flip = flip and bool(info.get("flip", True))
+        self.similarity: dict | None = None  # of the last window grouped by similarity (see _layout)
         self.per_window = window // batch_size
         self.scale = info["vae_scale"]
         self.pixel = info["vae"] == "pixel"
@@ -210,6 +254,7 @@ class GroupBatches:
         emb = None
         if self.grouping == "similarity" and num_groups:
             emb = np.stack([r.emb for r in recs]).astype(np.float32)
+            self.similarity = pair_similarity(emb, self.threshold, rng=np.random.default_rng([self.seed, w]))
         groups = build_groups(emb, labels, num_groups, n, self.grouping, self.threshold, rng)
         used = np.zeros(len(recs), bool)
         for g in groups:

