@@ -321,7 +321,8 @@ def write_dataset_json(out: Path, cfg: EncodeConfig, classes, num_shards: int) -
         vae=cfg.vae, vae_scale=cfg.vae_scale if cfg.vae != PIXEL else 1.0,
         latent_shape=shape, latent_channel_mean=mean.tolist(), latent_channel_std=std.tolist(),
         latent_stats_of="posterior mean x vae_scale" if cfg.vae != PIXEL else "pixels in [-1, 1]",
-        flip=cfg.flip, crop=CROP,  # pixels are mirrored at load time; latents have stored flipped moments embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
+        # flip: pixels are mirrored at load time, latents have stored flipped moments
+        flip=cfg.flip, crop=CROP, embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
         embedder_dim=metas[0]["embedder_dim"], shards=[m["shard"] for m in metas], shard_size=cfg.shard_size,
         seed=cfg.seed, skipped_count=len(skipped), skipped=skipped, groupdiff=__version__)
     write_text_atomic(out / "dataset.json", json.dumps(info, indent=2) + "\n")

@@ -283,10 +283,11 @@ def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_ove
         # (a fresh start drops the rows of an earlier start that saved no checkpoint)
         for name in ("metrics.jsonl", "eval.jsonl"):
             _drop_rows_after(run_dir / name, step)
+        # model, EMA and two Adam moments in fp32: refuse to train steps that cannot be saved
+        check_free_space(run_dir, 4 * 4 * sum(p.numel() for p in model.parameters()), "--results-dir")
         if resume:
             log(f"resuming {run_dir} from step {step}")
         else:  # the job has started: only now is the run directory claimed
-            check_free_space(run_dir, 4 * 4 * sum(p.numel() for p in model.parameters()), "--results-dir")
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             write_json_atomic(config, run_dir / "config.json")
     accelerator.wait_for_everyone()
