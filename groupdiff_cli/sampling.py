@@ -174,16 +174,49 @@ def ema_warning(info: dict, weights: str, warn) -> None:
              f"train with a smaller --ema-decay")
 
 
-def grid_image(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one grid, ceil(sqrt(N)) columns (16 -> 4x4), black padding."""
+def grid_image(images: np.ndarray, cols: int | None = None, gap: int = 0) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one grid, ``cols`` columns (default ceil(sqrt(N)): 16 -> 4x4),
+    ``gap`` white pixels between tiles, black padding after the last image."""
     n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255 if gap else 0, np.uint8)
     for i, img in enumerate(images):
         r, cl = divmod(i, cols)
-        grid[r * h:(r + 1) * h, cl * w:(cl + 1) * w] = img
+        y, x = r * (h + gap), cl * (w + gap)
+        grid[y:y + h, x:x + w] = img
+    for i in range(n, rows * cols):  # padding tiles
+        r, cl = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, cl * (w + gap):cl * (w + gap) + w] = 0
     return grid
+
+
+GRID_IMAGES, GRID_COLS, CAPTION_PX = 16, 4, 12  # a grid file: 16 images, 4 per row, a caption band
+
+
+def captioned(grid: np.ndarray, text: str) -> np.ndarray:
+    """The grid under a white band holding ``text`` (Pillow's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (grid.shape[1], CAPTION_PX), "white")
+    ImageDraw.Draw(band).text((1, 0), text, fill="black")
+    return np.concatenate([np.asarray(band), grid], axis=0)
+
+
+def write_grids(images: np.ndarray, labels: list[int], first_group: int, group_size: int, folder: Path) -> None:
+    """One PNG per 16 images (a group of 16, four groups of 4, ... sixteen single
+    images), 4 per row with white gaps, captioned with the class of each group."""
+    per_file = max(1, GRID_IMAGES // group_size)
+    for b in range(0, len(labels), per_file):
+        chunk_labels = labels[b:b + per_file]
+        members = images[b * group_size:(b + len(chunk_labels)) * group_size]
+        g0, g1 = first_group + b, first_group + b + len(chunk_labels) - 1
+        if g0 == g1:
+            name, text = f"group_{g0:06d}_class_{chunk_labels[0]}.png", f"group {g0}: class {chunk_labels[0]}"
+        else:
+            name = f"groups_{g0:06d}-{g1:06d}.png"
+            text = f"groups {g0}-{g1}: classes {','.join(map(str, chunk_labels))}"
+        _save_png(captioned(grid_image(members, GRID_COLS, gap=2), text), folder / name)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -316,12 +349,10 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
             images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
             bar.update(len(labels) * state.num_processes)
         images = np.concatenate(images)
-        for j, g in enumerate(range(g0, g1)):
-            members = images[j * job.group_size:(j + 1) * job.group_size]
-            _save_png(grid_image(members), out / "grids" / f"group_{g:06d}_class_{job.labels[g]}.png")
-            if save_images:
-                for i, img in enumerate(members):
-                    _save_png(img, out / "images" / f"{g * job.group_size + i:06d}.png")
+        write_grids(images, job.labels[g0:g1], g0, job.group_size, out / "grids")
+        if save_images:
+            for i, img in enumerate(images):
+                _save_png(img, out / "images" / f"{g0 * job.group_size + i:06d}.png")
         labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
         with atomic_path(chunks_dir / f"chunk_{k:05d}.npz") as tmp:  # a chunk on disk is a finished chunk
             np.savez(tmp, arr_0=images, arr_1=labels)

@@ -122,11 +122,13 @@ def test_outputs_npz_labels_and_grids(dit_run, tmp_path):
     arr, labels = load(out)
     assert arr.dtype == np.uint8 and arr.shape == (8, 8, 8, 3)
     assert labels.tolist() == [3] * 4 + [7] * 4 and np.load(out / "labels.npy").tolist() == labels.tolist()
-    grids = sorted((out / "grids").iterdir())
-    assert [g.name for g in grids] == ["group_000000_class_3.png", "group_000001_class_7.png"]
-    grid = np.asarray(Image.open(grids[1]))
-    assert grid.shape == (16, 16, 3)  # 4 images of 8x8 in 2x2
-    np.testing.assert_array_equal(grid[8:, 8:], arr[7])
+    grids = sorted((out / "grids").iterdir())  # 16 images per file: both groups of 4 in one
+    assert [g.name for g in grids] == ["groups_000000-000001.png"]
+    grid = np.asarray(Image.open(grids[0]))
+    assert grid.shape == (12 + 8 + 2 + 8, 4 * 8 + 3 * 2, 3)  # caption band, 2 rows of 4 with 2px gaps
+    np.testing.assert_array_equal(grid[22:30, 30:38], arr[7])  # row 1 (group 1), column 3
+    assert (grid[12:30, 8:10] == 255).all()  # a white gap between tiles
+    assert (grid[:12] < 128).any()  # the caption is drawn
 
 
 def test_same_samples_for_batch_sizes_and_two_processes(sit_run, tmp_path):
