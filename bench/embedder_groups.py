@@ -59,7 +59,8 @@ def main():
         torch.manual_seed(0)
         save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(tmp / "r18.safetensors"))
         rows = []
-        for name, weights, size in (("inception", None, 299), ("resnet18", str(tmp / "r18.safetensors"), 64)):
+        # the demo's settings: Inception at 96px, the random ResNet-18 at 64px
+        for name, weights, size in (("inception", None, 96), ("resnet18", str(tmp / "r18.safetensors"), 64)):
             out = tmp / f"data_{name}"
             encode(src, out, EncodeConfig(src=str(src), image_size=32, vae="pixel", embedder=name, embedder_size=size,
                                           shard_size=10_000), embedder_weights=weights, batch_size=64, cpu=True,
@@ -69,7 +70,7 @@ def main():
         print(f"{a.per_class * 8} shapes images, groups of {a.group_size}, threshold {a.threshold} (chance 0.125)")
         print(f"{'embedder':<28} {'same class':>10} {'pairs passing':>14} {'median cos':>11}")
         for name, same, sim in rows:
-            label = "inception (pretrained, TF FID)" if name == "inception" else "resnet18 (random init)"
+            label = "inception 96px (pretrained)" if name == "inception" else "resnet18 64px (random init)"
             print(f"{label:<28} {same:>10.3f} {sim['passing']:>14.3f} {sim['median']:>11.3f}")
 
 

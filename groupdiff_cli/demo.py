@@ -174,8 +174,8 @@ def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int 
     data = out / "data"
     if not (data / "dataset.json").exists():
         embedder, emb_file = _demo_embedder(out, log)
-        encode(shapes, data, EncodeConfig(src=str(shapes), image_size=SIZE, vae="pixel",
-                                          embedder=embedder, embedder_size=64, shard_size=1000),
+        encode(shapes, data, EncodeConfig(src=str(shapes), image_size=SIZE, vae="pixel", embedder=embedder,
+                                          embedder_size=96 if embedder == "inception" else 64, shard_size=1000),
                embedder_weights=emb_file, batch_size=128, num_workers=0, cpu=True, log=lambda m: None)
     log(f"[{time.perf_counter() - t0:5.0f}s] encoded: {data}")
 
