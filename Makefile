@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/groupdiff demo --out demo-out

@@ -194,12 +194,12 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
                            o.group_ratio, grouping, o.similarity_threshold, o.group_buffer, o.seed,
                            info["num_classes"], flip=o.flip, label_dropout=o.label_dropout)
     heldout = read_dataset(o.eval_data, "--eval-data") if o.eval_data else None
+    ckpts = _check_run_dir(o, run_dir, resume)
+    lock = take_job_lock(run_dir, "--run-name", state)
     per_rank = sum(info["shard_counts"]) // state.num_processes
     if o.group_buffer > per_rank and o.group_mode != "none" and state.is_main_process:
         log(f"note: --group-buffer {o.group_buffer} exceeds the ~{per_rank} samples each process reads per epoch: "
             f"a window then spans epochs, so an image can appear twice in one window (even in one group)")
-    ckpts = _check_run_dir(o, run_dir, resume)
-    lock = take_job_lock(run_dir, "--run-name", state)
     try:
         return _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts,
                       batches, micro)
