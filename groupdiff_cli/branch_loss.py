@@ -16,6 +16,8 @@ smaller groups are sub-blocks of larger ones.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -30,15 +32,12 @@ def heldout_latents(info: dict, num_images: int, max_group: int, threshold: floa
     """The first ``num_images`` records of an encoded set (``data.read_dataset``) as
     (latents, labels), laid out in similarity groups of ``max_group`` (by class when the
     shards have no embeddings). Posterior means, no flip: deterministic."""
+    num_images = min(num_images, sum(info["shard_counts"]))
     num_images -= num_images % max_group
     if num_images < max_group:
         raise ValueError(f"--eval-data {info['dir']}: need at least {max_group} images for groups of {max_group}")
     stream = SampleStream(info, rank=0, world=1, seed=seed).iterate(0)
-    recs: list[Record] = []
-    for rec in stream:
-        recs.append(rec)
-        if len(recs) == min(num_images, sum(info["shard_counts"]) // max_group * max_group):
-            break
+    recs: list[Record] = list(itertools.islice(stream, num_images))
     labels = np.array([r.label for r in recs])
     emb = np.stack([r.emb for r in recs]).astype(np.float32) if recs[0].emb is not None else None
     rule = "similarity" if emb is not None else "class"

@@ -202,7 +202,7 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             f"a window then spans epochs, so an image can appear twice in one window (even in one group)")
     try:
         return _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts,
-                      batches, micro)
+                      batches)
     finally:
         lock.release()
 
@@ -231,8 +231,8 @@ def _check_run_dir(o: TrainOptions, run_dir: Path, resume: bool) -> list[Path]:
     return ckpts
 
 
-def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts, batches,
-           micro) -> dict:
+def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts,
+           batches) -> dict:
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
     from tqdm import tqdm
