@@ -16,12 +16,11 @@ smaller groups are sub-blocks of larger ones.
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import torch
 
-from groupdiff_cli.data import Record, SampleStream, build_groups
+from groupdiff_cli.data import SampleStream, build_groups, pixels_to_tensor, read_window
 from groupdiff_cli.objectives import Flow
 
 DEFAULT_TIMES = (0.2, 0.5, 0.8)  # our convention: t = 1 is noise
@@ -36,19 +35,16 @@ def heldout_latents(info: dict, num_images: int, max_group: int, threshold: floa
     num_images -= num_images % max_group
     if num_images < max_group:
         raise ValueError(f"--eval-data {info['dir']}: need at least {max_group} images for groups of {max_group}")
-    stream = SampleStream(info, rank=0, world=1, seed=seed).iterate(0)
-    recs: list[Record] = list(itertools.islice(stream, num_images))
-    labels = np.array([r.label for r in recs])
-    emb = np.stack([r.emb for r in recs]).astype(np.float32) if recs[0].emb is not None else None
-    rule = "similarity" if emb is not None else "class"
-    groups = build_groups(emb, labels, len(recs) // max_group, max_group, rule, threshold,
+    data = read_window(SampleStream(info, rank=0, world=1, seed=seed).iterate(0), num_images)[0]
+    rule = "similarity" if data.emb is not None else "class"
+    groups = build_groups(data.emb, data.labels, num_images // max_group, max_group, rule, threshold,
                           np.random.default_rng(seed))
-    order = [i for g in groups for i in g]
+    order = np.array([i for g in groups for i in g])
     if info["vae"] == "pixel":
-        x = torch.stack([torch.from_numpy(np.array(recs[i].mean)).permute(2, 0, 1).float() / 127.5 - 1 for i in order])
+        x = pixels_to_tensor(data.mean[order])
     else:
-        x = torch.stack([torch.from_numpy(np.array(recs[i].mean)).float() for i in order]) * info["vae_scale"]
-    return x, torch.from_numpy(labels[order])
+        x = torch.from_numpy(data.mean[order]).float() * info["vae_scale"]
+    return x, torch.from_numpy(data.labels[order])
 
 
 @torch.no_grad()

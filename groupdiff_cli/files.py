@@ -76,14 +76,18 @@ def _alive(pid: int) -> bool:
 
 
 class JobLock:
-    """One job per output folder: ``FOLDER/.groupdiff.lock`` holds the owner's pid and
-    host. A lock whose owner is gone (same host, pid not running) is taken over; a
-    live owner, or one on another host, is refused with a line naming the lock file."""
+    """One job per output folder: ``FOLDER/.groupdiff.lock`` holds the owner's pid, host
+    and scheduler job id. A lock whose owner is gone (same host, pid not running), or
+    that an earlier run of the same SLURM job left (a requeue after preemption, maybe on
+    other nodes), is taken over; a live owner, or one on another host, is refused with
+    a line naming the lock file."""
 
     def __init__(self, folder, flag: str):
         self.folder, self.flag = Path(folder), flag
         self.path = self.folder / LOCK_NAME
         self.me = dict(pid=os.getpid(), host=socket.gethostname())
+        if os.environ.get("SLURM_JOB_ID"):  # kept across requeues of the job
+            self.me["job"] = os.environ["SLURM_JOB_ID"]
         self.held = False
         self.created: list[Path] = []  # folders this lock made: removed again if left empty
 
@@ -102,6 +106,8 @@ class JobLock:
         if not owner or owner == self.me:
             return None
         if owner.get("host") == self.me["host"] and not _alive(int(owner.get("pid", 0)) or 0):
+            return None
+        if self.me.get("job") and owner.get("job") == self.me["job"]:  # this job, started again
             return None
         return (f"{self.flag} {self.folder}: another job (pid {owner.get('pid')} on {owner.get('host')}) is using it; "
                 f"wait for it to end, or delete {self.path} if that job is gone")

@@ -204,6 +204,7 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
         return _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_overrides, config, ckpts,
                       batches)
     finally:
+        batches.close()
         lock.release()
 
 
@@ -327,12 +328,14 @@ def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_ove
     metrics_file = run_dir / "metrics.jsonl"
     bar = tqdm(total=o.max_steps, initial=step, unit="step", disable=not state.is_main_process)
     window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], time.perf_counter(), 0
+    data_wait = 0.0  # the longest wait for a batch since the last log row
     branch_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     warned = False
     evaluate = _heldout_eval(o, heldout, ema, objective, run_dir) if state.is_main_process and heldout else None
     while step < o.max_steps:
         for m in range(o.grad_accum):
             batch = batches.batch(step * o.grad_accum + m, accelerator.device)
+            data_wait = max(data_wait, batches.last_wait)
             gen = torch.Generator().manual_seed(derived_seed(o.seed, state.process_index, step, m, 1))
             x0, b = batch.latents, batch.latents.shape[0]
             # one time per group (shared by its members), jittered by --timestep-variance
@@ -394,7 +397,7 @@ def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_ove
                        grad_norm=float(torch.stack(window_gn).mean()) if window_gn else None, lr=o.lr,
                        images_per_s=images_since / (now - t_last),
                        grouped_fraction=sum(window_grouped) / len(window_grouped),
-                       similarity=batches.similarity)
+                       similarity=batches.similarity, data_wait_s=data_wait)
             if batches.similarity and batches.similarity["passing"] > 0.9 and not warned and state.is_main_process:
                 warned = log(f"warning: {batches.similarity['passing']:.0%} of the pairs in a window pass "
                              f"--similarity-threshold {o.similarity_threshold} (median cosine "
@@ -407,6 +410,7 @@ def _train(o, resume, log, state, accelerator, info, heldout, run_dir, model_ove
             if o.report_to:
                 accelerator.log({k: v for k, v in rec.items() if isinstance(v, float)}, step=step)
             window_loss, window_gn, window_grouped, t_last, images_since = [], [], [], now, 0
+            data_wait = 0.0
             branch_sums.zero_()
         if evaluate and (step % (o.eval_every or o.ckpt_every) == 0 or step == o.max_steps):
             t_last += evaluate(step)

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -31,24 +32,54 @@ def test_shapes_dataset_is_deterministic_and_varied(tmp_path):
 def test_demo_runs_the_whole_chain(tmp_path):
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
-    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "3", "--per-class", "8",
-                                    "--sample-steps", "1", "--inception-weights", weights])
+    args = ["demo", "--out", str(out), "--chain-steps", "3", "--per-class", "8", "--sample-steps", "1",
+            "--inception-weights", weights]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    for word in ("dataset:", "encoded:", "trained SiT-Mi/4", "sampled 8 classes", "FID (N=16", "FID (N=1,"):
+    for word in ("dataset:", "encoded:", "trained SiT-Mi/4 (GroupDiff-l, groups of 4) for 3 steps from scratch",
+                 "sampled a group of 16", "the shipped weights", "sampled 8 classes", "FID (N=16", "FID (N=1,"):
         assert word in res.output
-    info = json.loads((out / "data" / "dataset.json").read_text())
+    info = json.loads((out / "chain" / "data" / "dataset.json").read_text())
     assert info["num_samples"] == 64 and info["embedder"] == "inception"  # pretrained, offline
-    with np.load(out / "samples_N16" / "samples.npz") as f:
+    with np.load(out / "chain" / "samples" / "samples.npz") as f:
+        assert f["arr_0"].shape == (16, 32, 32, 3)
+    with np.load(out / "samples" / "N16" / "samples.npz") as f:
         assert f["arr_0"].shape == (128, 32, 32, 3) and f["arr_1"].tolist() == [c for c in range(8) for _ in range(16)]
-    with np.load(out / "samples_N1" / "samples.npz") as f:
+    with np.load(out / "samples" / "N1" / "samples.npz") as f:
         assert f["arr_0"].shape == (128, 32, 32, 3)
     grid = np.asarray(Image.open(out / "groups_vs_single.png"))
-    assert grid.shape == (4 * (8 * 128 + 7 * 4), 4 * (2 * 128 + 4), 3)
+    tile = 4 * 32 + 3  # a group: 4 x 4 images with 1-pixel gaps
+    assert grid.shape == (2 * 16 + 4 * (8 * tile + 7 * 6), 70 + 4 * (2 * tile + 6), 3)
     report = json.loads((out / "demo.json").read_text())
+    assert report["run"] == str(demo.PRETRAINED)
     assert np.isfinite(report["fid_N16"]) and np.isfinite(report["fid_N1"])
-    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "3", "--per-class", "8",
-                                      "--sample-steps", "1"])  # everything is there: nothing redone
-    assert again.exit_code == 0 and "FID (N=16" in again.output  # offline TF Inception by default
+    # --from-scratch: the compared model is trained here (the small chain is reused, not redone)
+    again = CliRunner().invoke(main, args[:-2] + ["--from-scratch", "2"])
+    assert again.exit_code == 0, again.output
+    assert "for 2 steps on the whole dataset" in again.output and "FID (N=16" in again.output
+    assert json.loads((out / "demo.json").read_text())["run"] == str(out / "runs" / "demo")
+    assert (out / "samples_from_scratch_2" / "N16" / "samples.npz").exists()
+
+
+def test_the_shipped_weights_load_through_the_ckpt_path(tmp_path):
+    """fp16 EMA weights in the package, read like any run directory by `sample`."""
+    from safetensors.torch import load_file
+
+    from groupdiff_cli.checkpoints import load_model
+
+    files = list(demo.PRETRAINED.glob("checkpoints/step_*/ema.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size < 8 * 2**20
+    stored = load_file(str(files[0]))
+    assert all(v.dtype == torch.float16 for v in stored.values())
+    model, info = load_model(demo.PRETRAINED)
+    assert info["model"]["name"] == demo.DEMO_MODEL and info["dataset"]["vae"] == "pixel"
+    assert all(torch.equal(p, stored[k].float()) for k, p in model.state_dict().items())
+    res = CliRunner().invoke(main, ["sample", "--ckpt", str(demo.PRETRAINED), "--out", str(tmp_path / "s"),
+                                    "--group-size", "4", "--class-labels", "0,7", "--steps", "2", "--cfg-scale", "2",
+                                    "--sampler", "heun", "--cpu"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["arr_0"].shape == (8, 32, 32, 3) and f["arr_1"].tolist() == [0] * 4 + [7] * 4
 
 
 def test_study_labels_are_identical_per_image_across_group_sizes():

@@ -166,6 +166,20 @@ def test_one_job_per_run_a_stale_lock_is_taken_over(data, tmp_path):
     assert not lock.exists()  # released at the end
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(data, tmp_path, monkeypatch):
+    args = train_args(data, tmp_path / "runs", "--max-steps", "2")
+    run = tmp_path / "runs" / "SiT-Ti-2-l4"
+    run.mkdir(parents=True)
+    lock = run / LOCK_NAME
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    lock.write_text(json.dumps(dict(pid=1, host="node-a", job="4241")))  # another job, elsewhere
+    one_line(cli(*args), 2, "another job", "node-a", str(lock))
+    lock.write_text(json.dumps(dict(pid=1, host="node-a", job="4242")))  # this job before its preemption
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    assert not lock.exists()
+
+
 # ---------------------------------------------------------------------------- sample
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory):

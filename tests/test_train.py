@@ -203,3 +203,46 @@ def test_two_process_launch_keeps_weights_equal_and_logs_the_mean_loss(data, tmp
         assert len(rec["loss_per_rank"]) == 2 and rec["loss_per_rank"][0] != rec["loss_per_rank"][1]
         assert rec["loss"] == pytest.approx(np.mean(rec["loss_per_rank"]), rel=1e-6)
     assert res.stdout.count("trained to step 3") == 1
+
+
+def _launch_two(data, results, *extra):
+    """`accelerate launch` of a 2-process CPU run (what a node of a multi-node job runs)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            "-m", "groupdiff_cli", "train", "--data", str(data), "--model", "SiT-Ti/2", "--results-dir",
+            str(results), "--global-batch-size", "16", "--group-buffer", "8", "--ckpt-every", "2", "--log-every", "1",
+            "--cpu", *extra]
+
+
+def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_path):
+    """Preemption: a process of a running 2-process job is killed (SIGKILL, no cleanup),
+    the launcher takes the other down; the job started again with --resume ends with the
+    weights of a run that was never interrupted."""
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run(_launch_two(data, tmp_path / "a", "--max-steps", "12"), capture_output=True, text=True,
+                              env=env, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "b" / "SiT-Ti-2-l4"
+    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "12"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "step_0000002" / "state.json").exists():
+            assert job.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        main_pid = json.loads((run / ".groupdiff.lock").read_text())["pid"]
+        os.kill(main_pid, signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        job.kill()
+    if job.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert (run / ".groupdiff.lock").exists()  # died without cleaning up
+    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", "12", "--resume"), capture_output=True,
+                           text=True, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", 12)[:2], weights(run, 12)[:2]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

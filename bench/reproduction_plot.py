@@ -1,0 +1,114 @@
+"""The two figures and the table of the small-scale reproduction (bench/REPRODUCTION.md).
+
+Reads the `groupdiff study` outputs of each run (study.csv: FID with its bootstrap
+interval, precision/recall, S_cross) and, when present, a second study of the same run
+that measured S_cross only (--scross-dir), plus the run's held-out loss (eval.jsonl).
+
+    python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
+        --out bench/  [--names base,l_sim,l_rand,f_sim]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+LABELS = {"base": "baseline (no groups)", "l_sim": "GroupDiff-l-4, similarity groups",
+          "l_rand": "GroupDiff-l-4, random groups", "f_sim": "GroupDiff-f-4, similarity groups"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def heldout(run: Path, step: int) -> dict:
+    """Held-out null-branch loss per group size at t = 0.5 from eval.jsonl at ``step``."""
+    path = run / "eval.jsonl"
+    if not path.exists():
+        return {}
+    for row in map(json.loads, path.read_text().splitlines()):
+        if row.get("step") == step:
+            return {int(r["group_size"]): r["loss"] for r in row["rows"] if r["branch"] == "null" and r["t"] == 0.5}
+    return {}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", required=True, type=Path)
+    ap.add_argument("--scross", type=Path)
+    ap.add_argument("--runs", type=Path)
+    ap.add_argument("--step", type=int, default=1000)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--names", default="base,l_sim,l_rand,f_sim")
+    args = ap.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = args.names.split(",")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lines = ["| run | N | FID | 95% interval | precision | recall | S_cross (%) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    scross = {}
+    for i, name in enumerate(names):
+        rows = read_csv(args.study / name / "study.csv")
+        extra = read_csv(args.scross / name / "study.csv") if args.scross else []
+        sc = {int(r["group_size"]): r["s_cross"] for r in rows + extra if r.get("s_cross") is not None}
+        scross[name] = dict(sorted(sc.items()))
+        pts = [r for r in rows if r.get("fid") is not None]
+        if pts:
+            ns = [int(r["group_size"]) for r in pts]
+            fid = [r["fid"] for r in pts]
+            lo = [r["fid"] - r["fid_ci_lo"] for r in pts]
+            hi = [r["fid_ci_hi"] - r["fid"] for r in pts]
+            ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], fid, yerr=[lo, hi], marker="o", capsize=3,
+                        label=LABELS.get(name, name))
+        for r in pts:
+            n = int(r["group_size"])
+            lines.append(f"| {name} | {n} | {r['fid']:.2f} | {r['fid_ci_lo']:.2f} - {r['fid_ci_hi']:.2f} | "
+                         f"{r['precision']:.3f} | {r['recall']:.3f} | "
+                         f"{'' if sc.get(n) is None else f'{sc[n]:.2f}'} |")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    ax.set_xlabel("group size N at sampling")
+    ax.set_ylabel("FID vs the dataset (bars: 95% bootstrap)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "reproduction_fid.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, sc in scross.items():
+        if sc:
+            ax.plot(list(sc), list(sc.values()), marker="s", label=LABELS.get(name, name))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
+    ax.set_xlabel("group size N at sampling")
+    ax.set_ylabel("S_cross (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "reproduction_scross.png", dpi=120)
+    plt.close(fig)
+
+    print("\n".join(lines))
+    print("\nS_cross (%) per N:")
+    for name, sc in scross.items():
+        print(f"  {name}: " + ", ".join(f"N={n}: {v:.2f}" for n, v in sc.items()))
+    if args.runs:
+        print(f"\nheld-out null-branch loss at t = 0.5, step {args.step} (N: loss):")
+        for name in names:
+            h = heldout(args.runs / name, args.step)
+            if h:
+                print(f"  {name}: " + ", ".join(f"N={n}: {v:.4f}" for n, v in sorted(h.items())))
+
+
+if __name__ == "__main__":
+    main()
