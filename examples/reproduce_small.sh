@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The small-scale reproduction of the paper's claims (bench/REPRODUCTION.md): four runs
+# on the bundled shapes at equal steps and batch, then the group-size study of each.
+# On 2 CPU cores: about 6-8 minutes per 1,000-step run when nothing else runs, and
+# ~40 minutes for the evaluation (Inception at ~8 img/s is the bottleneck).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-reproduction}
+STEPS=${STEPS:-1000}
+mkdir -p "$OUT" && cd "$OUT"
+python - <<'PY'
+from groupdiff_cli.demo import write_dataset
+write_dataset("shapes_train", 400, seed=0)   # the demo's dataset: 8 classes x 400
+write_dataset("shapes_heldout", 32, seed=1)  # held-out images for the per-branch loss
+PY
+groupdiff encode shapes_train data_train --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
+    --shard-size 1000 --cpu
+groupdiff encode shapes_heldout data_heldout --image-size 32 --vae pixel --embedder none --shard-size 1000 --cpu
+COMMON=(--data data_train --model SiT-Mi/4 --results-dir runs --group-size 4 --global-batch-size 64
+        --group-buffer 3200 --lr 6e-3 --ema-decay 0.995 --ckpt-every 500 --keep-every 500 --log-every 50
+        --eval-data data_heldout --eval-every 500 --max-steps "$STEPS" --cpu)
+groupdiff train "${COMMON[@]}" --run-name l_sim --group-mode l --group-ratio 0.25 --grouping similarity
+groupdiff train "${COMMON[@]}" --run-name base --group-mode none
+groupdiff train "${COMMON[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
+groupdiff train "${COMMON[@]}" --run-name f_sim --group-mode f --grouping similarity
+
+# the FID reference: the 3,200 training images' Inception statistics
+python - <<'PY'
+import numpy as np
+from pathlib import Path
+from PIL import Image
+files = sorted(p for d in sorted(Path("shapes_train").iterdir()) for p in sorted(d.iterdir()))
+np.savez("ref_images.npz", arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+PY
+groupdiff fid ref_images.npz --save-ref-stats ref_stats.npz
+CK=checkpoints/step_$(printf %07d "$STEPS")
+S=(--ref ref_stats.npz --num-samples 1024 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
+groupdiff study --ckpt runs/l_sim/$CK --out study/l_sim --group-sizes 1,4,16 "${S[@]}"
+groupdiff study --ckpt runs/base/$CK --out study/base --group-sizes 1 "${S[@]}"
+groupdiff study --ckpt runs/l_rand/$CK --out study/l_rand --group-sizes 1,4 "${S[@]}"
+groupdiff study --ckpt runs/f_sim/$CK --out study/f_sim --group-sizes 1,4 "${S[@]}"
+# S_cross at every group size (16 samples each: no FID)
+for r in l_sim l_rand f_sim; do
+  groupdiff study --ckpt runs/$r/$CK --out scross/$r --group-sizes 2,4,8,16 --num-samples 16 --cfg-scale 1.5 \
+      --sampler heun --steps 10 --attention-groups 16 --cpu
+done
+# the guidance scale
+groupdiff study --ckpt runs/l_sim/$CK --out study_cfg3/l_sim --group-sizes 1,4 --ref ref_stats.npz \
+    --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu
+python "$HERE/../bench/reproduction_plot.py" --study study --scross scross --runs runs --out .
