@@ -34,7 +34,7 @@ np.savez("ref_images.npz", arr_0=np.stack([np.asarray(Image.open(f).convert("RGB
 PY
 groupdiff fid ref_images.npz --save-ref-stats ref_stats.npz
 CK=checkpoints/step_$(printf %07d "$STEPS")
-S=(--ref ref_stats.npz --num-samples 1024 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
+S=(--ref ref_stats.npz --num-samples 1024 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu)
 groupdiff study --ckpt runs/l_sim/$CK --out study/l_sim --group-sizes 1,4,16 "${S[@]}"
 groupdiff study --ckpt runs/base/$CK --out study/base --group-sizes 1 "${S[@]}"
 groupdiff study --ckpt runs/l_rand/$CK --out study/l_rand --group-sizes 1,4 "${S[@]}"
@@ -46,5 +46,5 @@ for r in l_sim l_rand f_sim; do
 done
 # the guidance scale
 groupdiff study --ckpt runs/l_sim/$CK --out study_cfg3/l_sim --group-sizes 1,4 --ref ref_stats.npz \
-    --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu
+    --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu
 python "$HERE/../bench/reproduction_plot.py" --study study --scross scross --runs runs --out .
