@@ -36,7 +36,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from groupdiff_cli.data import GroupBatches, read_dataset  # noqa: E402
+from groupdiff_cli.data import GroupBatches, SampleStream, read_dataset, record_bytes  # noqa: E402
 
 MODES = {"l": dict(mode="l", ratio=0.1), "f": dict(mode="f", ratio=0.0)}
 
@@ -106,7 +106,7 @@ def main():
 
         write_shards(data, args.records, 5000)
     info = read_dataset(data)
-    window_bytes = loader(GroupBatches, info, "l", args.window, args.batch, prefetch=False).builder.window_bytes
+    window_bytes = args.window * record_bytes(SampleStream(info, 0, 1, 0).first_record())  # no buffers allocated
     res = dict(records=args.records, window=args.window, batch=args.batch, consume=args.consume,
                window_bytes=window_bytes, cpu=os.cpu_count(), torch=torch.__version__, modes={})
     base = baseline_module(args.baseline_rev) if args.baseline_rev != "none" else None

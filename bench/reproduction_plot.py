@@ -37,6 +37,21 @@ def heldout(run: Path, step: int) -> dict:
     return {}
 
 
+def save_figure(fig, ax, sizes: list[int], ylabel: str, path: Path) -> None:
+    """Group size on a log2 axis, labels, legend; written and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("group size N at sampling")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", required=True, type=Path)
@@ -74,29 +89,13 @@ def main():
             lines.append(f"| {name} | {n} | {r['fid']:.2f} | {r['fid_ci_lo']:.2f} - {r['fid_ci_hi']:.2f} | "
                          f"{r['precision']:.3f} | {r['recall']:.3f} | "
                          f"{'' if sc.get(n) is None else f'{sc[n]:.2f}'} |")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
-    ax.set_xlabel("group size N at sampling")
-    ax.set_ylabel("FID vs the dataset (bars: 95% bootstrap)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "reproduction_fid.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, [1, 2, 4, 8, 16], "FID vs the dataset (bars: 95% bootstrap)", args.out / "reproduction_fid.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, sc in scross.items():
         if sc:
             ax.plot(list(sc), list(sc.values()), marker="s", label=LABELS.get(name, name))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
-    ax.set_xlabel("group size N at sampling")
-    ax.set_ylabel("S_cross (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "reproduction_scross.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / "reproduction_scross.png")
 
     print("\n".join(lines))
     print("\nS_cross (%) per N:")
