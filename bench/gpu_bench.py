@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from groupdiff_cli.models import count_flops, create_model
-from groupdiff_cli.objectives import objective_for
+from groupdiff_cli import objectives
 from groupdiff_cli.sampling import Guidance, sample_groups
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), by a substring of the card's name
@@ -60,7 +60,7 @@ class Trainer:
     def __init__(self, name: str, device, compile_: bool, bf16: bool, **overrides):
         torch.manual_seed(0)
         self.model = create_model(name, **overrides).to(device).train()
-        self.objective = objective_for(self.model.config["family"], self.model.learn_sigma)
+        self.objective = objectives.create(objectives.for_model(name), self.model.learn_sigma)
         self.forward = torch.compile(self.model) if compile_ else self.model
         fused = device.type == "cuda"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused)
@@ -71,17 +71,10 @@ class Trainer:
         x0 = torch.randn(b, m.in_channels, m.input_size, m.input_size, device=self.device)
         noise = torch.randn_like(x0)
         y = torch.randint(0, m.num_classes, (b,), device=self.device)
+        xt, t_net = self.objective.noisy(x0, torch.rand(b), noise)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            if self.model.config["family"] == "DiT":
-                t = torch.randint(0, 1000, (b,), device=self.device)
-                xt = self.objective.q_sample(x0, t, noise)
-                out = self.forward(xt, t.float(), y, group_size=sizes).float()
-                loss = self.objective.training_loss(out, x0, xt, t, noise).mean()
-            else:
-                t = torch.rand(b, device=self.device)
-                xt = self.objective.interpolate(x0, t, noise)
-                out = self.forward(xt, self.objective.network_time(t), y, group_size=sizes).float()
-                loss = self.objective.training_loss(out, x0, noise).mean()
+            out = self.forward(xt, t_net, y, group_size=sizes).float()
+            loss = self.objective.loss(out, x0, xt, t_net, noise).mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -185,7 +178,7 @@ def bench_sample(cfg, device) -> list[dict]:
     name = cfg["models"][0]
     torch.manual_seed(0)
     model = create_model(name, **cfg["overrides"]).to(device).eval()
-    objective = objective_for(model.config["family"], model.learn_sigma)
+    objective = objectives.create(objectives.for_model(name), model.learn_sigma)
     rows = []
     images, steps = cfg["sample_images"], cfg["sample_steps"]
     for n in (1, 4, 16):

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli.defaults import CFG_SCALE
+
 
 @torch.no_grad()
 def cross_sample_mass(q: torch.Tensor, k: torch.Tensor, n: int, chunk: int = 256) -> torch.Tensor:
@@ -105,9 +107,9 @@ def measure(model, objective, group_size: int, num_groups: int, guidance, seed: 
     Returns (per-(evaluation, block) stacked P of every measured group, latents of the
     first group, the evaluations measured)."""
     from groupdiff_cli.sampling import sample_groups
+    from groupdiff_cli.samplers import evaluations
 
-    evals = steps if sampler != "heun" else 2 * steps
-    at = set(at_steps if at_steps is not None else default_steps(evals))
+    at = set(at_steps if at_steps is not None else default_steps(evaluations(sampler, steps)))
     num_classes = num_classes or model.num_classes
     labels_all = [g % num_classes for g in range(num_groups)]
     collected = defaultdict(list)
@@ -200,14 +202,14 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
     return files
 
 
-def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=1.5, sampler=None,
+def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=CFG_SCALE, sampler=None,
                   steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
                   cpu=False) -> dict:
     """The `groupdiff attention` job: measure, summarise, draw; returns the report."""
     from groupdiff_cli.distributed import process_state
     from groupdiff_cli.files import write_json_atomic
-    from groupdiff_cli.objectives import objective_for
-    from groupdiff_cli.sampling import Guidance, build_job
+    from groupdiff_cli.sampling import Guidance, build_job, job_objective
+    from groupdiff_cli.samplers import evaluations
     from groupdiff_cli.vae import decode, load_vae
 
     state = process_state(cpu)
@@ -222,11 +224,14 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
         if job.cfg_scale == 1.0 and job.cond_group_size == 1:
             raise ValueError("--cfg-scale 1 with a GroupDiff-l checkpoint runs no group attention: nothing to "
                              "measure; use a guidance scale above 1")
+        evals = evaluations(job.sampler, job.steps)
+        if evals is None:
+            raise ValueError(f"--sampler {job.sampler} chooses its steps as it goes, so there are no evaluations to "
+                             f"measure at; measure S_cross with a fixed-step sampler")
         model = model.to(state.device)
-        objective = objective_for(job.objective, model.learn_sigma, job.steps if job.objective == "ddpm" else None)
+        objective = job_objective(job, model)
         guidance = Guidance(job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
                             job.uncond_group_size)
-        evals = job.steps * (2 if job.sampler == "heun" else 1)
         bad = [s for s in (at_steps or []) if not 0 <= s < evals]
         if bad:
             raise ValueError(f"--at-steps {bad[0]} is outside [0, {evals - 1}] (network evaluations of this sampler)")

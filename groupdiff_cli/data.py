@@ -32,11 +32,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli.files import InputError, read_json_file
-
-
-def derived_seed(*ints: int) -> int:
-    """A 63-bit seed derived from integers (the same in every process and run)."""
-    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
 
 
 DATASET_KEYS = ("shards", "num_classes", "latent_shape", "vae", "vae_scale")
@@ -222,7 +218,7 @@ class SampleStream:
         self.rank, self.world, self.seed = rank, world, seed
 
     def epoch_shards(self, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        order = shard_order_rng(self.seed, epoch).permutation(len(self.shards))
         return [int(k) for k in order[self.rank::self.world]]
 
     def first_record(self) -> Record:
@@ -474,7 +470,7 @@ class WindowBuilder(torch.utils.data.Dataset):
     def build(self, w: int) -> GroupedWindow:
         data = self.slot(w % 2)
         keys = self._read(w, data)
-        rng = np.random.default_rng([self.seed, self.rank, w])
+        rng = window_rng(self.seed, self.rank, w)
         nb, b, n = self.per_window, self.b, self.n
         total = nb * b
         if self.mode == "none" or n == 1:
@@ -486,7 +482,7 @@ class WindowBuilder(torch.utils.data.Dataset):
             num_groups = min(total // n, math.floor((w + 1) * x) - math.floor(w * x))
         similarity = None
         if self.grouping == "similarity" and num_groups:
-            similarity = pair_similarity(data.emb, self.threshold, rng=np.random.default_rng([self.seed, w]))
+            similarity = pair_similarity(data.emb, self.threshold, rng=similarity_rng(self.seed, w))
         groups = np.array(build_groups(data.emb, data.labels, num_groups, n, self.grouping, self.threshold, rng),
                           np.int64).reshape(num_groups, n)
         used = np.zeros(len(data.labels), bool)
@@ -570,7 +566,7 @@ class GroupBatches:
         self.last_wait = 0.0
         win = self._window(w)
         rows, sizes, data = win.rows[k], win.sizes[k], win.data
-        gen = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, index, 0))
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, index, Stream.BATCH))
         m = len(rows)
         flip = (torch.rand(m, generator=gen) < 0.5).numpy() if self.flip else np.zeros(m, bool)
         if self.pixel:

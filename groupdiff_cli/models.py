@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
+from groupdiff_cli.defaults import MAX_GROUP_SIZE
+
 # name of the one tensor that official DiT/SiT checkpoints lack
 SAMPLE_EMBED_KEY = "s_embedder.weight"
 
@@ -229,7 +231,7 @@ class GroupDiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        max_group_size: int = 16,
+        max_group_size: int = MAX_GROUP_SIZE,
     ):
         super().__init__()
         if max_group_size < 1:
@@ -362,7 +364,8 @@ MODELS: dict[str, dict] = {
     for patch in (2, 4, 8)
 }
 
-DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, max_group_size=16, mlp_ratio=4.0)
+DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, max_group_size=MAX_GROUP_SIZE,
+                mlp_ratio=4.0)
 
 
 def model_config(name: str, **overrides) -> dict:
@@ -485,7 +488,7 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def load_pretrained(path, name: str | None = None, max_group_size: int = 16) -> tuple[GroupDiT, list[str]]:
+def load_pretrained(path, name: str | None = None, max_group_size: int = MAX_GROUP_SIZE) -> tuple[GroupDiT, list[str]]:
     """Load an official DiT/SiT checkpoint (or one of ours) into a GroupDiT.
 
     ``path``: a ``.pt`` (bare state dict, or a dict with "ema"/"model"; read with

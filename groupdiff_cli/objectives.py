@@ -1,32 +1,41 @@
-"""Diffusion objectives shared by training and sampling: DDPM (DiT) and flow (SiT).
+"""Diffusion objectives: DDPM (DiT) and flow matching (SiT), behind one interface.
 
 Time convention of this project, in every user-facing option: t in [0, 1] with
 t = 1 pure noise and t = 0 data. DDPM's integer steps map to it through t / 1000.
 
+Every objective answers, for training (t: our time, one per image):
+
+* ``noisy(x0, t, noise) -> (x_t, t_net)``: the noisy input and the network's time input;
+* ``loss(out, x0, x_t, t_net, noise)``: the per-image training loss of the network output;
+* ``prediction_error(out, x0, noise)``: the per-image MSE of the prediction against its
+  target (the held-out denoising loss);
+
+and, for sampling, where a sampler (``samplers.py``) calls a denoiser (x, t_model)
+with t_model in the objective's own time units (DDPM: the step index; flow: our t):
+``network_time(t_model)``, ``unit_time(t_model)`` (our t, for the guidance interval)
+and ``prediction(out, channels)`` (what the objective's samplers integrate).
+
 * ``DDPM``: 1000-step linear beta schedule, epsilon prediction with learned variance
   (ADM/DiT's "learned range": the model's extra channels interpolate between the
-  posterior and the beta variance in log space). Sampling by respaced ancestral
-  steps (250, DiT's default) or DDIM.
+  posterior and the beta variance in log space); respaced for sampling.
 * ``Flow``: linear interpolant x_t = (1 - t) x0 + t eps, velocity target eps - x0.
   The network itself is called as SiT is (its time input is 1 - t and it predicts
   the data-ward velocity x0 - eps), so official SiT checkpoints load and fine-tune
   unchanged; the conversion happens here and nowhere else.
 
-A ``denoiser`` below is any callable (x, t) -> model output for a batch, where t is
-in this module's model-time units (DDPM: step index; flow: our t). The sampler
-wraps the network (with CFG, group sizes and sample ids) into such a callable.
+Which objective a run uses is chosen once (``for_model``), recorded in the run's
+config.json and read back by ``of_run``; ``create`` builds it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-NoiseFn = Callable[[int], torch.Tensor]  # step index -> noise like x (per-sample seeded)
+OBJECTIVES = ("ddpm", "flow")
 
 
 def _gather(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -47,9 +56,6 @@ class DDPM:
     """
 
     name = "ddpm"
-    samplers = ("ddpm", "ddim")
-    default_sampler = "ddpm"
-    default_steps = 250
 
     def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True, use_timesteps: Sequence[int] | None = None):
         scale = 1000 / num_timesteps
@@ -129,16 +135,27 @@ class DDPM:
         mean, _, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0, eps
 
-    # training ---------------------------------------------------------------
-    def training_loss(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
+    # the interface -----------------------------------------------------------
+    def noisy(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """t in [0, 1] per image (CPU) -> (x_t, the step index as the network's float time)."""
+        steps = self.num_timesteps
+        t_int = (t.clamp(0, 1) * steps).long().clamp(max=steps - 1).to(x0.device)  # t = 1: the last step
+        return self.q_sample(x0, t_int, noise), t_int.float()
+
+    def prediction_error(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Per-image epsilon MSE on the latent channels."""
+        return (out[:, :x0.shape[1]] - noise).square().flatten(1).mean(1)
+
+    def loss(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t_net: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
         """Per-image loss: eps MSE, plus (learn_sigma) ADM's variational bound term in
         bits per dim with the predicted mean detached, so that the bound trains only
         the variance (the 'hybrid' loss of DiT)."""
         c = x0.shape[1]
-        mse = (out[:, :c] - noise).square().flatten(1).mean(1)
+        mse = self.prediction_error(out, x0, noise)
         if not self.learn_sigma:
             return mse
+        t = t_net.long()
         frozen = torch.cat([out[:, :c].detach(), out[:, c:2 * c]], dim=1)
         mean, log_var, _, _ = self.p_mean_variance(frozen.float(), xt, t)
         true_mean, _, true_log_var = self.q_posterior(x0, xt, t)
@@ -146,24 +163,16 @@ class DDPM:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).flatten(1).mean(1) / math.log(2.0)
         return mse + torch.where(t == 0, nll, kl)
 
-    # sampling ---------------------------------------------------------------
-    def sample(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFn, sampler: str = "ddpm", progress=None):
-        """Run the reverse process from x = x_T. ``noise(k)`` gives the fresh noise of
-        reverse step k (ddpm only). Returns x_0."""
-        if sampler not in self.samplers:
-            raise ValueError(f"--sampler {sampler} does not fit the ddpm objective; choose from {self.samplers}")
-        for k, i in enumerate(reversed(range(self.num_timesteps))):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = denoiser(x, self.model_time(t))
-            mean, log_var, x0, eps = self.p_mean_variance(out, x, t)
-            if sampler == "ddpm":
-                x = mean + (torch.exp(0.5 * log_var) * noise(k) if i > 0 else 0)
-            else:  # DDIM, eta = 0
-                acp_prev = _gather(self.alphas_cumprod_prev, t, x)
-                x = torch.sqrt(acp_prev) * x0 + torch.sqrt(1 - acp_prev) * eps
-            if progress:
-                progress()
-        return x
+    @staticmethod
+    def network_time(t_model: torch.Tensor) -> torch.Tensor:
+        return t_model  # the original step index (``model_time``)
+
+    def unit_time(self, t_model: torch.Tensor) -> float:
+        return float(t_model[0]) / self.base_num_timesteps
+
+    @staticmethod
+    def prediction(out: torch.Tensor, channels: int) -> torch.Tensor:
+        return out  # eps and the variance values: ``p_mean_variance`` reads both
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -194,10 +203,6 @@ class Flow:
     """Linear interpolant x_t = (1 - t) x0 + t eps, v = eps - x0 (t = 1 is noise)."""
 
     name = "flow"
-    samplers = ("sde", "ode", "heun")
-    default_sampler = "sde"
-    default_steps = 250
-    last_step = 0.04  # SiT/REPA's SDE: Euler-Maruyama down to t = 0.04, then one mean step
 
     def __init__(self, learn_sigma: bool = True):
         self.learn_sigma = learn_sigma  # official SiT checkpoints carry 8 channels; the first 4 are used
@@ -211,9 +216,24 @@ class Flow:
     def target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
 
-    def training_loss(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def velocity(out: torch.Tensor, channels: int) -> torch.Tensor:
+        """Network output (SiT's data-ward velocity, maybe with sigma channels) -> our v."""
+        return -out[:, :channels]
+
+    # the interface -----------------------------------------------------------
+    def noisy(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """t in [0, 1] per image -> (x_t, SiT's time 1 - t)."""
+        t = t.clamp(0, 1).to(x0.device)
+        return self.interpolate(x0, t, noise), self.network_time(t)
+
+    def prediction_error(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-image MSE between the predicted and the true velocity eps - x0."""
         return (self.velocity(out, x0.shape[1]) - self.target(x0, noise)).square().flatten(1).mean(1)
+
+    def loss(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t_net: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+        return self.prediction_error(out, x0, noise)
 
     @staticmethod
     def network_time(t: torch.Tensor) -> torch.Tensor:
@@ -221,61 +241,35 @@ class Flow:
         return 1 - t
 
     @staticmethod
-    def velocity(out: torch.Tensor, channels: int) -> torch.Tensor:
-        """Network output (SiT's data-ward velocity, maybe with sigma channels) -> our v."""
-        return -out[:, :channels]
+    def unit_time(t_model: torch.Tensor) -> float:
+        return float(t_model[0])
 
-    def sample(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFn, sampler: str = "sde",
-               steps: int = 250, progress=None):
-        """Integrate from t = 1 (x is noise) to t = 0. ``denoiser(x, t)`` returns our
-        velocity v(x, t) at our time t. Returns x at t = 0."""
-        if sampler not in self.samplers:
-            raise ValueError(f"--sampler {sampler} does not fit the flow objective; choose from {self.samplers}")
-        if steps < 1:
-            raise ValueError(f"--steps {steps} must be >= 1")
-        b = x.shape[0]
-
-        def v(x, t):
-            return denoiser(x, torch.full((b,), float(t), device=x.device))
-
-        if sampler == "sde":
-            # dx = [v - 1/2 g^2 score] dt + g dW backwards in t, with g^2 = 2 w(t), w = t
-            # (SiT's "sigma" diffusion); for this path w * score = -(x + (1 - t) v).
-            grid = np.linspace(1.0, self.last_step, steps) if steps > 1 else np.array([1.0])
-            for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-                h = t - t_next
-                vel = v(x, t)
-                drift = vel + (x + (1 - t) * vel)  # v - w * score
-                x = x - h * drift + math.sqrt(2 * t * h) * noise(k)
-                if progress:
-                    progress()
-            t = grid[-1]
-            vel = v(x, t)
-            x = x - t * (vel + (x + (1 - t) * vel))  # last step: the mean, no noise
-        else:
-            grid = np.linspace(1.0, 0.0, steps + 1)
-            for t, t_next in zip(grid[:-1], grid[1:]):
-                h = t - t_next
-                vel = v(x, t)
-                if sampler == "ode":
-                    x = x - h * vel
-                else:  # Heun: Euler predictor, trapezoid corrector
-                    x_pred = x - h * vel
-                    x = x - h * 0.5 * (vel + v(x_pred, t_next))
-                if progress:
-                    progress()
-        if progress:
-            progress()
-        return x
+    prediction = velocity  # the samplers integrate our velocity
 
 
-def objective_for(family_or_name: str, learn_sigma: bool = True, steps: int | None = None):
-    """The objective of a model family ("DiT" -> ddpm, "SiT" -> flow) or by name."""
-    from groupdiff_cli.models import FAMILIES
-
-    name = FAMILIES.get(family_or_name, family_or_name)
+def create(name: str, learn_sigma: bool = True, sampling_steps: int | None = None):
+    """The objective ``name``; DDPM respaced to ``sampling_steps`` when given (flow has
+    no discrete steps: its samplers take them)."""
     if name == "ddpm":
-        return DDPM.respaced(steps, learn_sigma=learn_sigma) if steps else DDPM(learn_sigma=learn_sigma)
+        return DDPM.respaced(sampling_steps, learn_sigma=learn_sigma) if sampling_steps else DDPM(learn_sigma=learn_sigma)
     if name == "flow":
         return Flow(learn_sigma=learn_sigma)
-    raise ValueError(f"unknown objective {family_or_name!r}; choose from ddpm, flow")
+    raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
+
+
+def for_model(model_name: str, requested: str | None = None) -> str:
+    """The objective a run of registry model ``model_name`` trains with: ``requested``,
+    or its family's (DiT: ddpm, SiT: flow)."""
+    from groupdiff_cli.models import FAMILIES, MODELS
+
+    if requested is not None and requested not in OBJECTIVES:
+        raise ValueError(f"objective {requested!r}: choose from {', '.join(OBJECTIVES)}")
+    return requested or FAMILIES[MODELS[model_name]["family"]]
+
+
+def of_run(info: dict) -> str:
+    """The objective recorded in a run's config.json (``checkpoints.load_model``'s
+    description); official checkpoints: the model family's."""
+    from groupdiff_cli.models import FAMILIES
+
+    return info.get("train", {}).get("objective") or FAMILIES[info["model"]["family"]]

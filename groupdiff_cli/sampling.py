@@ -5,7 +5,7 @@ its own generator seeded with ``seed + i`` (on the CPU, so the noise is the same
 every device): first its sample-embedding row for the per-image (conditional)
 branch, then its initial noise, then the noise of every stochastic step. A group's
 sample-embedding permutation for the grouped branch comes from a generator seeded
-with ``seed + 2**32 + first index``. So the samples do not depend on the number of
+with ``seed + seeds.GROUP_OFFSET + first index``. So the samples do not depend on the number of
 processes or the batch size, and an interrupted run resumes exactly.
 
 CFG: out = uncond + w (cond - uncond), guided on the first C channels (or the first
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli import samplers
+from groupdiff_cli.defaults import CFG_SCALE
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
-from groupdiff_cli.objectives import DDPM, Flow
-
-GROUP_SEED_OFFSET = 2**32
+from groupdiff_cli.seeds import GROUP_OFFSET
 
 
 class NonFiniteSamples(FloatingPointError):
@@ -54,14 +54,14 @@ class Guidance:
 
 
 def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, single_ids, group_ids):
-    """(x, model time) -> what the objective's sampler expects, with CFG and group sizes.
+    """(x, the objective's time) -> its prediction, with CFG and group sizes: the
+    denoiser the samplers integrate.
 
     labels, single_ids, group_ids: (M,) for the M = groups * group_size images of x.
     """
     m = labels.shape[0]
     null = torch.full_like(labels, model.num_classes)
     c = model.in_channels
-    is_flow = isinstance(objective, Flow)
 
     def ids_for(size):
         return single_ids if size == 1 else group_ids
@@ -73,8 +73,8 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
         return [n] * (m // n)
 
     def denoiser(x, t):
-        t_ours = float(t[0]) if is_flow else float(t[0]) / 1000
-        t_net = objective.network_time(t) if is_flow else t
+        t_ours = objective.unit_time(t)
+        t_net = objective.network_time(t)
         gc, gu = guidance.cond_group_size, guidance.uncond_group_size
         if guidance.active(t_ours):
             out = model(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([labels, null]),
@@ -89,14 +89,14 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
         if not bool(finite.all()):  # never let NaN samples be written as if valid
             bad = sorted({int(i) // group_size for i in torch.nonzero(~finite).flatten()})
             raise NonFiniteSamples(t_ours, bad)
-        return objective.velocity(out, c) if is_flow else out
+        return objective.prediction(out, c)
 
     return denoiser
 
 
 @torch.no_grad()
 def sample_groups(model, objective, labels: torch.Tensor, first_index: int, group_size: int, guidance: Guidance,
-                  seed: int, sampler: str, steps: int, device="cpu", progress=None,
+                  seed: int, sampler: str, steps: int, device="cpu",
                   image_seeds: list[int] | None = None) -> torch.Tensor:
     """Sample the images first_index .. first_index + M - 1 (whole groups).
 
@@ -113,7 +113,7 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
     single_ids = torch.stack([torch.randint(model.max_group_size, (), generator=g) for g in gens])
     group_ids = torch.cat([
         torch.randperm(model.max_group_size, generator=torch.Generator().manual_seed(
-            seed + GROUP_SEED_OFFSET + first_index + j))[:group_size]
+            seed + GROUP_OFFSET + first_index + j))[:group_size]
         for j in range(0, m, group_size)
     ])
     x = torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
@@ -124,10 +124,7 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
     denoiser = make_denoiser(model, objective, labels.to(device), group_size, guidance,
                              single_ids.to(device), group_ids.to(device))
     try:
-        if isinstance(objective, DDPM):
-            out = objective.sample(denoiser, x, noise, sampler, progress=progress)
-        else:
-            out = objective.sample(denoiser, x, noise, sampler, steps, progress=progress)
+        out = samplers.run(sampler, objective, denoiser, x, noise, steps)
     except NonFiniteSamples as e:
         first = first_index // group_size
         raise FloatingPointError(f"sampling stopped at t = {e.t:.4f} (t = 1 is noise): the model output is not "
@@ -276,6 +273,9 @@ class SampleJob:
     def num_chunks(self) -> int:
         return math.ceil(len(self.labels) / self.chunk_groups)
 
+    def chunk_images(self, k: int) -> int:
+        return (min((k + 1) * self.chunk_groups, len(self.labels)) - k * self.chunk_groups) * self.group_size
+
 
 def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_images: bool = False,
                  vae_batch_size: int = 32, cpu: bool = False) -> dict:
@@ -314,9 +314,6 @@ def _chunk_ok(path: Path, count: int) -> bool:
 def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
     from tqdm import tqdm
 
-    from groupdiff_cli.objectives import objective_for
-    from groupdiff_cli.vae import decode
-
     chunks_dir, config_file = out / "chunks", out / "sample_config.json"
     if state.is_main_process:
         for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
@@ -325,63 +322,78 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
             write_json_atomic(json.loads(json.dumps(asdict(job))), config_file)
     state.wait_for_everyone()
 
-    groups_per_batch = max(1, batch_size // job.group_size)
     model = model.to(state.device)
-    objective = objective_for(job.objective, learn_sigma=model.learn_sigma,
-                              steps=job.steps if job.objective == "ddpm" else None)
+    objective = job_objective(job, model)
     mine = [k for k in range(job.num_chunks) if k % state.num_processes == state.process_index]
-
-    def chunk_size(k):
-        return (min((k + 1) * job.chunk_groups, len(job.labels)) - k * job.chunk_groups) * job.group_size
-
-    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", chunk_size(k))]
-    n_todo = sum(min(job.chunk_groups, len(job.labels) - k * job.chunk_groups) for k in todo) * job.group_size
-    bar = tqdm(total=n_todo * state.num_processes, unit="img", desc="sampling", disable=not state.is_main_process)
+    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", job.chunk_images(k))]
+    bar = tqdm(total=sum(job.chunk_images(k) for k in todo) * state.num_processes, unit="img", desc="sampling",
+               disable=not state.is_main_process)
     for k in todo:
-        g0, g1 = k * job.chunk_groups, min((k + 1) * job.chunk_groups, len(job.labels))
-        images = []
-        for b0 in range(g0, g1, groups_per_batch):
-            b1 = min(b0 + groups_per_batch, g1)
-            labels = torch.tensor(job.labels[b0:b1]).repeat_interleave(job.group_size)
-            z = sample_groups(model, objective, labels, b0 * job.group_size, job.group_size, Guidance(
-                job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
-                job.uncond_group_size), job.seed, job.sampler, job.steps, state.device)
-            images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
-            bar.update(len(labels) * state.num_processes)
-        images = np.concatenate(images)
-        write_grids(images, job.labels[g0:g1], g0, job.group_size, out / "grids")
-        if save_images:
-            for i, img in enumerate(images):
-                _save_png(img, out / "images" / f"{g0 * job.group_size + i:06d}.png")
-        labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
-        with atomic_path(chunks_dir / f"chunk_{k:05d}.npz") as tmp:  # a chunk on disk is a finished chunk
-            np.savez(tmp, arr_0=images, arr_1=labels)
+        _sample_chunk(job, k, model, objective, out, state, vae, batch_size, save_images, vae_batch_size,
+                      lambda n: bar.update(n * state.num_processes))
     bar.close()
     state.wait_for_everyone()
-
     npz = out / "samples.npz"
     if state.is_main_process:
-        all_labels = np.repeat(np.array(job.labels, np.int64), job.group_size)
-
-        def read_chunks():
-            for k in range(job.num_chunks):
-                with np.load(chunks_dir / f"chunk_{k:05d}.npz") as f:
-                    yield f["arr_0"]
-
-        with np.load(chunks_dir / "chunk_00000.npz") as f:
-            shape = f["arr_0"].shape[1:]
-        write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
-        with atomic_path(out / "labels.npy") as tmp:
-            np.save(tmp, all_labels)
+        _join_chunks(job, chunks_dir, npz, out / "labels.npy")
     state.wait_for_everyone()
     return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
                 processes=state.num_processes)
 
 
+def job_objective(job: SampleJob, model):
+    """The objective a job samples with (DDPM respaced to the job's steps)."""
+    from groupdiff_cli.objectives import create
+
+    return create(job.objective, model.learn_sigma, job.steps)
+
+
+def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, vae, batch_size, save_images,
+                  vae_batch_size, progress) -> None:
+    """Sample, decode and write chunk k (its grids, PNGs, then the chunk file)."""
+    from groupdiff_cli.vae import decode
+
+    groups_per_batch = max(1, batch_size // job.group_size)
+    g0, g1 = k * job.chunk_groups, min((k + 1) * job.chunk_groups, len(job.labels))
+    guidance = Guidance(job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
+                        job.uncond_group_size)
+    images = []
+    for b0 in range(g0, g1, groups_per_batch):
+        b1 = min(b0 + groups_per_batch, g1)
+        labels = torch.tensor(job.labels[b0:b1]).repeat_interleave(job.group_size)
+        z = sample_groups(model, objective, labels, b0 * job.group_size, job.group_size, guidance, job.seed,
+                          job.sampler, job.steps, state.device)
+        images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
+        progress(len(labels))
+    images = np.concatenate(images)
+    write_grids(images, job.labels[g0:g1], g0, job.group_size, out / "grids")
+    if save_images:
+        for i, img in enumerate(images):
+            _save_png(img, out / "images" / f"{g0 * job.group_size + i:06d}.png")
+    labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
+    with atomic_path(out / "chunks" / f"chunk_{k:05d}.npz") as tmp:  # a chunk on disk is a finished chunk
+        np.savez(tmp, arr_0=images, arr_1=labels)
+
+
+def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path) -> None:
+    all_labels = np.repeat(np.array(job.labels, np.int64), job.group_size)
+
+    def read_chunks():
+        for k in range(job.num_chunks):
+            with np.load(chunks_dir / f"chunk_{k:05d}.npz") as f:
+                yield f["arr_0"]
+
+    with np.load(chunks_dir / "chunk_00000.npz") as f:
+        shape = f["arr_0"].shape[1:]
+    write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
+    with atomic_path(labels_file) as tmp:
+        np.save(tmp, all_labels)
+
+
 def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,
-              class_labels=None, random_labels=False, cfg_scale=1.5, cfg_channels=None, guidance_interval=(0.0, 1.0),
-              cond_group_size=None, uncond_group_size=None, sampler=None, steps=None, seed=0, vae=None,
-              chunk_groups=None, align_labels=None, warn=print):
+              class_labels=None, random_labels=False, cfg_scale=CFG_SCALE, cfg_channels=None,
+              guidance_interval=(0.0, 1.0), cond_group_size=None, uncond_group_size=None, sampler=None, steps=None,
+              seed=0, vae=None, chunk_groups=None, align_labels=None, warn=print):
     """Load the checkpoint and resolve every default into a ``SampleJob``.
 
     ``align_labels`` M: image i gets class (i // M) mod classes, so that runs at every
@@ -390,9 +402,8 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     Returns (job, model). Raises ValueError naming the flag for bad input.
     """
     from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.models import FAMILIES
-    from groupdiff_cli.objectives import objective_for
-    from groupdiff_cli.vae import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
+    from groupdiff_cli.defaults import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
+    from groupdiff_cli.objectives import create, of_run
 
     model, info = load_model(ckpt, weights, model_name)
     train, dataset = info.get("train", {}), info.get("dataset", {})
@@ -403,48 +414,53 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     if n > trained:
         warn(f"warning: --group-size {n} is larger than the group size this checkpoint was trained with ({trained})")
     ema_warning(info, weights, warn)
-    if align_labels:
-        if align_labels % n or not num_samples or num_samples % align_labels:
-            raise ValueError(f"--align-labels {align_labels}: needs --num-samples, a multiple of it, and a group "
-                             f"size dividing it (group size {n})")
-        labels = aligned_labels(num_samples, n, align_labels, model.num_classes)
-    elif class_labels:
-        labels = group_labels(model.num_classes, class_labels=class_labels)
-    elif num_samples:
-        if num_samples % n:
-            raise ValueError(f"--num-samples {num_samples} is not a multiple of --group-size {n}")
-        labels = group_labels(model.num_classes, num_samples // n, random_labels=random_labels, seed=seed)
-    else:
-        raise ValueError("give --num-samples N (class-balanced or --random-labels) or --class-labels A,B,...")
-    f_mode = train.get("group_mode") == "f"
-    gc = cond_group_size or (n if f_mode else 1)
-    gu = uncond_group_size or n
-    for flag, v in (("--cond-group-size", gc), ("--uncond-group-size", gu)):
-        if n % v:
-            raise ValueError(f"{flag} {v} does not divide --group-size {n}")
+    labels = _job_labels(model.num_classes, n, num_samples, class_labels, random_labels, align_labels, seed)
+    gc, gu = _branch_group_sizes(n, train.get("group_mode"), cond_group_size, uncond_group_size)
     lo, hi = guidance_interval
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"--guidance-interval {lo},{hi}: need 0 <= lo <= hi <= 1 (t = 1 is noise)")
     if cfg_channels is not None and not 1 <= cfg_channels <= model.in_channels:
         raise ValueError(f"--cfg-channels {cfg_channels} is outside [1, {model.in_channels}]")
-    objective_name = FAMILIES[model.config["family"]]
-    objective = objective_for(objective_name, model.learn_sigma)
-    sampler = sampler or objective.default_sampler
-    if sampler not in objective.samplers:
-        raise ValueError(f"--sampler {sampler} does not fit the {objective_name} objective of "
-                         f"{model.config['name']}; choose from {', '.join(objective.samplers)}")
+    objective = of_run(info)
+    sampler = sampler or samplers.DEFAULT_SAMPLER[objective]
+    samplers.check(sampler, objective, model.config["name"])
+    steps = steps or samplers.DEFAULT_STEPS
+    create(objective, model.learn_sigma, steps)  # a DDPM refuses steps it cannot respace to
     vae = vae or dataset.get("vae", DEFAULT_VAE)
     if (vae == PIXEL) != (model.in_channels == 3 and dataset.get("vae", vae) == PIXEL):
         raise ValueError(f"--vae {vae}: does not fit {model.config['name']} with {model.in_channels} input channels "
                          f"(trained on {dataset.get('vae', 'unknown')} latents)")
-    steps = steps or objective.default_steps
-    if objective_name == "ddpm" and not 1 <= steps <= 1000:
-        raise ValueError(f"--steps {steps} is outside [1, 1000] for the ddpm objective")
     job = SampleJob(
         ckpt=info["checkpoint"], weights=weights, model=model.config, labels=labels, group_size=n,
         cfg_scale=float(cfg_scale), cfg_channels=cfg_channels, guidance_interval=(float(lo), float(hi)),
-        cond_group_size=gc, uncond_group_size=gu, objective=objective_name, sampler=sampler, steps=int(steps),
-        seed=int(seed), vae=vae,
-        vae_scale=float(dataset.get("vae_scale", SD_VAE_SCALE)),
+        cond_group_size=gc, uncond_group_size=gu, objective=objective, sampler=sampler, steps=int(steps),
+        seed=int(seed), vae=vae, vae_scale=float(dataset.get("vae_scale", SD_VAE_SCALE)),
         chunk_groups=chunk_groups or max(1, 256 // n))
     return job, model
+
+
+def _job_labels(num_classes: int, n: int, num_samples, class_labels, random_labels, align_labels, seed) -> list[int]:
+    """One class per group, from --align-labels, --class-labels or --num-samples."""
+    if align_labels:
+        if align_labels % n or not num_samples or num_samples % align_labels:
+            raise ValueError(f"--align-labels {align_labels}: needs --num-samples, a multiple of it, and a group "
+                             f"size dividing it (group size {n})")
+        return aligned_labels(num_samples, n, align_labels, num_classes)
+    if class_labels:
+        return group_labels(num_classes, class_labels=class_labels)
+    if num_samples:
+        if num_samples % n:
+            raise ValueError(f"--num-samples {num_samples} is not a multiple of --group-size {n}")
+        return group_labels(num_classes, num_samples // n, random_labels=random_labels, seed=seed)
+    raise ValueError("give --num-samples N (class-balanced or --random-labels) or --class-labels A,B,...")
+
+
+def _branch_group_sizes(n: int, group_mode: str | None, cond: int | None, uncond: int | None) -> tuple[int, int]:
+    """Group sizes of the conditional and unconditional branches: GroupDiff-l groups
+    only the unconditional one, GroupDiff-f both."""
+    gc = cond or (n if group_mode == "f" else 1)
+    gu = uncond or n
+    for flag, v in (("--cond-group-size", gc), ("--uncond-group-size", gu)):
+        if n % v:
+            raise ValueError(f"{flag} {v} does not divide --group-size {n}")
+    return gc, gu

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from groupdiff_cli.defaults import CFG_SCALE
 
-def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=1.5,
+
+def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
               inception_weights=None, vae=None, cpu=False, eval_data=None, log=print) -> list[dict]:
     from groupdiff_cli import attention, fid
@@ -68,10 +70,10 @@ def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, 
     from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
     from groupdiff_cli.checkpoints import load_model
     from groupdiff_cli.data import read_dataset
-    from groupdiff_cli.objectives import objective_for
+    from groupdiff_cli.objectives import create, of_run
 
     model, info = load_model(ckpt, "ema")
-    objective = objective_for(model.config["family"], model.learn_sigma)
+    objective = create(of_run(info), model.learn_sigma)
     x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
                                  info.get("train", {}).get("similarity_threshold", 0.7), seed)
     rows = branch_losses(model, objective, x0, labels, sorted(group_sizes), seed=seed)

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-SD_VAE_SCALE = 0.18215
-PIXEL = "pixel"
+from groupdiff_cli.defaults import DEFAULT_VAE, PIXEL, SD_VAE_SCALE  # noqa: F401 (re-exported)
 
 
 def load_vae(spec: str, device="cpu", flag: str = "--vae"):

@@ -81,3 +81,5 @@ def test_command_writes_table_json_and_figures(tmp_path):
     assert res.output.splitlines()[0].split()[:2] == ["N", "S_cross"]
     bad = CliRunner().invoke(main, ["attention", "--ckpt", str(run), "--group-size", "4", "--cfg-scale", "1"])
     assert bad.exit_code == 2 and "runs no group attention" in bad.output
+    adaptive = CliRunner().invoke(main, ["attention", "--ckpt", str(run), "--group-size", "4", "--sampler", "dopri5"])
+    assert adaptive.exit_code == 2 and "--sampler dopri5 chooses its steps as it goes" in adaptive.output

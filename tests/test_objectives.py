@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from groupdiff_cli import samplers
 from groupdiff_cli.objectives import DDPM, Flow
 
 BETAS = np.linspace(1e-4, 0.02, 1000)  # DiT's linear schedule, written out independently
@@ -55,7 +56,7 @@ def test_ddpm_sampler_reproduces_a_hand_computed_two_step_example():
 
     z = torch.tensor([[[[0.8]]]])
     x_T = torch.tensor([[[[1.5]]]])
-    out = d.sample(denoiser, x_T, lambda k: z, "ddpm")
+    out = samplers.run("ddpm", d, denoiser, x_T, lambda k: z, 2)
     assert seen == [[999.0], [0.0]]  # the network sees the original step indices
 
     # by hand: respaced betas b0 = 1 - acp[0], b1 = 1 - acp[999] / acp[0]
@@ -72,7 +73,7 @@ def test_ddpm_sampler_reproduces_a_hand_computed_two_step_example():
     x = math.sqrt(1 / a0) * x - math.sqrt(1 / a0 - 1) * e
     assert float(out) == pytest.approx(x, rel=1e-5)
 
-    ddim = d.sample(denoiser, x_T, lambda k: z, "ddim")
+    ddim = samplers.run("ddim", d, denoiser, x_T, lambda k: z, 2)
     x0 = math.sqrt(1 / a1) * 1.5 - math.sqrt(1 / a1 - 1) * e
     x1 = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * e
     assert float(ddim) == pytest.approx(math.sqrt(1 / a0) * x1 - math.sqrt(1 / a0 - 1) * e, rel=1e-5)
@@ -94,7 +95,7 @@ def test_flow_interpolant_target_and_sit_convention():
 def test_flow_samplers_integrate_a_constant_field_exactly(sampler):
     c = torch.tensor([[[[0.5]], [[-2.0]]]])
     x1 = torch.tensor([[[[1.0]], [[3.0]]]])
-    out = Flow().sample(lambda x, t: c.expand_as(x), x1, None, sampler, steps=7)
+    out = samplers.run(sampler, Flow(), lambda x, t: c.expand_as(x), x1, None, 7)
     torch.testing.assert_close(out, x1 - c)
 
 
@@ -104,7 +105,7 @@ def test_flow_samplers_converge_at_their_order_on_a_linear_field():
     exact = math.exp(-a)
 
     def err(sampler, steps):
-        return abs(float(Flow().sample(lambda x, t: a * x, x1, None, sampler, steps=steps)) - exact)
+        return abs(float(samplers.run(sampler, Flow(), lambda x, t: a * x, x1, None, steps)) - exact)
 
     assert 1.8 < err("ode", 20) / err("ode", 40) < 2.2  # first order
     assert 3.6 < err("heun", 20) / err("heun", 40) < 4.4  # second order
@@ -119,7 +120,7 @@ def test_sde_sampler_with_the_exact_velocity_of_a_point_mass_ends_near_it():
     def v(x, t):  # data = mu: eps = (x - (1 - t) mu) / t, v = eps - mu = (x - mu) / t
         return (x - mu) / t[0]
 
-    out = Flow().sample(v, x1, lambda k: torch.randn(x1.shape, generator=gen, dtype=torch.float64), "sde", steps=250)
+    out = samplers.run("sde", Flow(), v, x1, lambda k: torch.randn(x1.shape, generator=gen, dtype=torch.float64), 250)
     # SiT's last step is a noise-free Euler step from t = 0.04: x(0) = mu - 0.04 eps
     assert abs(float(out.mean()) - mu) < 0.01
     assert 0.02 < float(out.std()) < 0.08
@@ -127,9 +128,9 @@ def test_sde_sampler_with_the_exact_velocity_of_a_point_mass_ends_near_it():
 
 def test_unknown_sampler_names_the_objective():
     with pytest.raises(ValueError, match="--sampler sde does not fit the ddpm objective"):
-        DDPM.respaced(2).sample(None, torch.zeros(1, 1, 1, 1), None, "sde")
+        samplers.run("sde", DDPM.respaced(2), None, torch.zeros(1, 1, 1, 1), None, 2)
     with pytest.raises(ValueError, match="--sampler ddim does not fit the flow objective"):
-        Flow().sample(None, torch.zeros(1, 1, 1, 1), None, "ddim")
+        samplers.run("ddim", Flow(), None, torch.zeros(1, 1, 1, 1), None, 2)
 
 
 def test_ddpm_loss_bound_trains_only_the_variance():
@@ -141,7 +142,7 @@ def test_ddpm_loss_bound_trains_only_the_variance():
     t = torch.tensor([0, 10, 900])
     xt = d.q_sample(x0, t, noise)
     out = torch.randn(3, 4, 4, 4, requires_grad=True)
-    d.training_loss(out, x0, xt, t, noise).sum().backward()
+    d.loss(out, x0, xt, t.float(), noise).sum().backward()
     mse_grad = 2 * (out[:, :2] - noise).detach() / (2 * 4 * 4)
     torch.testing.assert_close(out.grad[:, :2], mse_grad)  # the bound adds nothing to the eps channels
     assert out.grad[:, 2:].abs().sum() > 0  # ... but trains the variance channels
@@ -155,14 +156,61 @@ def test_ddpm_loss_bound_trains_only_the_variance():
 def test_flow_loss_is_the_velocity_mse():
     x0, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     out = torch.cat([x0 - noise, torch.randn(2, 4, 2, 2)], dim=1)  # a perfect SiT-convention prediction
-    assert torch.allclose(Flow().training_loss(out, x0, noise), torch.zeros(2), atol=1e-7)
-    assert torch.allclose(Flow().training_loss(torch.zeros(2, 8, 2, 2), x0, noise),
+    assert torch.allclose(Flow().loss(out, x0, None, None, noise), torch.zeros(2), atol=1e-7)
+    assert torch.allclose(Flow().loss(torch.zeros(2, 8, 2, 2), x0, None, None, noise),
                           (noise - x0).square().flatten(1).mean(1))
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_a_one_step_ddpm_sampler_runs(learn_sigma):
     d = DDPM.respaced(1, learn_sigma=learn_sigma)
-    out = d.sample(lambda x, t: torch.zeros(x.shape[0], 2 if learn_sigma else 1, 1, 1), torch.ones(1, 1, 1, 1),
-                   lambda k: torch.zeros(1, 1, 1, 1), "ddpm")
+    out = samplers.run("ddpm", d, lambda x, t: torch.zeros(x.shape[0], 2 if learn_sigma else 1, 1, 1),
+                       torch.ones(1, 1, 1, 1), lambda k: torch.zeros(1, 1, 1, 1), 1)
     assert torch.isfinite(out).all()
+
+
+def test_ddpm_noisy_maps_t_to_steps_and_t_at_one_to_the_last_step():
+    # times jittered by --timestep-variance can reach t = 1 (and beyond before clamping)
+    d = DDPM()
+    x0, noise = torch.zeros(4, 1, 1, 1), torch.ones(4, 1, 1, 1)
+    xt, t_net = d.noisy(x0, torch.tensor([0.0, 0.5, 1.0, 1.3]), noise)
+    assert t_net.tolist() == [0.0, 500.0, 999.0, 999.0]
+    torch.testing.assert_close(xt.flatten(), torch.tensor(np.sqrt(1 - ACP[[0, 500, 999, 999]]), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("name", [n for n, s in samplers.SAMPLERS.items() if s.evaluations_per_step])
+def test_each_fixed_step_sampler_makes_the_evaluations_it_registers(name):
+    ddpm = samplers.SAMPLERS[name].objective == "ddpm"
+    objective = DDPM.respaced(5) if ddpm else Flow()
+    calls = []
+
+    def denoiser(x, t):  # DDPM: eps and variance channels; flow: the velocity
+        calls.append(1)
+        return torch.zeros(x.shape[0], (2 if ddpm else 1) * x.shape[1], *x.shape[2:])
+
+    samplers.run(name, objective, denoiser, torch.ones(1, 1, 1, 1), lambda k: torch.zeros(1, 1, 1, 1), 5)
+    assert len(calls) == samplers.evaluations(name, 5)
+
+
+def test_dopri5_solves_a_linear_field_to_its_tolerance_and_is_adaptive():
+    a = 1.3  # v = a x  ->  x(0) = x(1) exp(-a)
+    x1 = torch.full((2, 1, 1, 1), 2.0)
+    calls = []
+
+    def v(x, t):
+        calls.append(float(t[0]))
+        return a * x
+
+    out = samplers.run("dopri5", Flow(), v, x1, None, 250)
+    torch.testing.assert_close(out, x1 * math.exp(-a), rtol=2e-3, atol=1e-5)
+    assert samplers.evaluations("dopri5", 250) is None and len(calls) < 100  # --steps does not apply
+    assert max(calls) == 1.0 and min(calls) >= 0.0  # from t = 1 (noise) towards t = 0
+
+
+def test_the_registry_lists_samplers_per_objective_with_their_defaults():
+    from groupdiff_cli.objectives import OBJECTIVES
+
+    assert {s.objective for s in samplers.SAMPLERS.values()} == set(OBJECTIVES)
+    for objective in OBJECTIVES:
+        assert samplers.DEFAULT_SAMPLER[objective] in samplers.names_for(objective)
+    assert samplers.names_for("flow") == ["sde", "ode", "heun", "dopri5"]

@@ -131,6 +131,17 @@ def test_outputs_npz_labels_and_grids(dit_run, tmp_path):
     assert (grid[:12] < 128).any()  # the caption is drawn
 
 
+def test_dopri5_samples_through_the_cli_and_matches_heun_closely(sit_run, tmp_path):
+    # a smooth random field: the adaptive solver and 50 Heun steps agree to a few grey levels
+    for sampler, steps in (("dopri5", "1"), ("heun", "50")):
+        res = run("--ckpt", sit_run, "--out", tmp_path / sampler, "--num-samples", "4", "--sampler", sampler,
+                  "--steps", steps, "--cfg-scale", "1.5")
+        assert res.exit_code == 0, res.output
+    a, b = load(tmp_path / "dopri5")[0].astype(int), load(tmp_path / "heun")[0].astype(int)
+    assert np.abs(a - b).max() <= 3 and json.loads((tmp_path / "dopri5" / "sample_config.json").read_text())[
+        "sampler"] == "dopri5"
+
+
 def test_same_samples_for_batch_sizes_and_two_processes(sit_run, tmp_path):
     common = ["--ckpt", sit_run, "--group-size", "2", "--num-samples", "12", "--steps", "3", "--cfg-scale", "1.5"]
     res = run(*common, "--out", tmp_path / "a", "--batch-size", "12")

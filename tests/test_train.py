@@ -13,9 +13,9 @@ import webdataset as wds
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from groupdiff_cli import train as train_mod
 from groupdiff_cli.cli import main
 from groupdiff_cli.data import GroupBatches, build_groups, read_dataset
+from groupdiff_cli.objectives import Flow
 from groupdiff_cli.train import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,15 +133,15 @@ def test_loss_falls_by_half_on_a_handful_of_latents(tmp_path, model):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
-    real = train_mod.Flow.training_loss
+    real = Flow.loss
     calls = {"n": 0}
 
-    def poisoned(self, out, x0, noise):
+    def poisoned(self, out, x0, xt, t_net, noise):
         calls["n"] += 1
-        loss = real(self, out, x0, noise)
+        loss = real(self, out, x0, xt, t_net, noise)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(train_mod.Flow, "training_loss", poisoned)
+    monkeypatch.setattr(Flow, "loss", poisoned)
     with pytest.raises(FloatingPointError, match="step 3: the loss is nan"):
         train(opts(data, tmp_path / "r", max_steps=6))
     run = tmp_path / "r" / "SiT-Ti-2-l4"
@@ -246,3 +246,25 @@ def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", 12)[:2], weights(run, 12)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_objective_is_chosen_once_recorded_and_sampled_with(data, tmp_path):
+    from groupdiff_cli.sampling import build_job, job_objective
+
+    res = train(opts(data, tmp_path / "r", model="SiT-Ti/2", objective="ddpm", max_steps=1, ckpt_every=1))
+    assert json.loads((Path(res["run_dir"]) / "config.json").read_text())["train"]["objective"] == "ddpm"
+    job, model = build_job(res["run_dir"], num_samples=4, steps=3, warn=lambda m: None)
+    assert (job.objective, job.sampler) == ("ddpm", "ddpm")  # not the SiT family's flow
+    assert job_objective(job, model).num_timesteps == 3
+    with pytest.raises(ValueError, match="objective 'edm': choose from ddpm, flow"):
+        train(opts(data, tmp_path / "s", objective="edm"))
+
+
+def test_a_preset_sets_the_options_not_given_on_the_command_line(data, tmp_path):
+    res = CliRunner().invoke(main, ["train", "--data", str(data), "--preset", "shapes-l4", "--model", "SiT-Ti/2",
+                                    "--global-batch-size", "8", "--group-buffer", "16", "--max-steps", "1",
+                                    "--results-dir", str(tmp_path), "--run-name", "p", "--lr", "1e-3", "--cpu"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "p" / "config.json").read_text())["train"]
+    assert (saved["model"], saved["global_batch_size"], saved["lr"]) == ("SiT-Ti/2", 8, 1e-3)  # given: kept
+    assert (saved["group_ratio"], saved["ema_decay"]) == (0.25, 0.995)  # not given: the preset's

@@ -1,0 +1,87 @@
+"""Every default and every list of valid values, in one place.
+
+This module imports nothing heavy, so the command line reads its defaults from here
+(``groupdiff --help`` shows them) and the library functions use the same names.
+``TrainOptions`` holds the training defaults; ``PRESETS`` names whole recipes
+(``groupdiff train --preset NAME``): a preset sets the options not given on the
+command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# ---- groups ----------------------------------------------------------------
+GROUP_MODES = ("l", "f", "none")  # GroupDiff-l, GroupDiff-f, plain DiT/SiT
+GROUPINGS = ("similarity", "class", "random")
+MAX_GROUP_SIZE = 16  # rows of the sample-embedding table: the largest group a model can run
+
+# ---- sampling --------------------------------------------------------------
+CFG_SCALE = 1.5  # DiT/SiT's FID setting
+DEFAULT_STEPS = 250  # sampling steps, DiT's and SiT's
+WEIGHTS = ("ema", "model")  # which weights of one of our checkpoints
+
+# ---- data ------------------------------------------------------------------
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+SD_VAE_SCALE = 0.18215
+PIXEL = "pixel"  # the --vae value of pixel-space models
+DEFAULT_EMBEDDER = "vit_base_patch14_dinov2.lvd142m"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    model: str = "SiT-XL/2"
+    results_dir: str = "runs"
+    run_name: str | None = None
+    objective: str | None = None  # default: the model family's (objectives.for_model)
+    group_mode: str = "l"  # one of GROUP_MODES
+    group_size: int = 4
+    group_ratio: float = 0.1
+    grouping: str | None = None  # one of GROUPINGS; default similarity when embeddings exist
+    similarity_threshold: float = 0.7
+    group_buffer: int = 20_000
+    timestep_variance: float = 0.0
+    max_group_size: int = MAX_GROUP_SIZE
+    global_batch_size: int = 256
+    grad_accum: int = 1
+    max_steps: int = 400_000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 3.0
+    ema_decay: float = 0.9999
+    mixed_precision: str | None = None  # no | bf16 | fp16; default bf16 on GPU
+    label_dropout: float = 0.1
+    flip: bool = True
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    init_from: str | None = None
+    ckpt_every: int = 5000
+    keep_last: int = 2
+    keep_every: int | None = None
+    log_every: int = 100
+    report_to: str | None = None
+    seed: int = 0
+    cpu: bool = False
+    sample_embed_std: float = 0.02  # init of the sample-embedding rows (method.md §2); ignored with --init-from
+    eval_data: str | None = None  # held-out `encode` shards: per-branch denoising loss every eval_every steps
+    eval_every: int | None = None  # default: ckpt_every
+    eval_images: int = 256
+
+
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainOptions) if f.name != "data"}
+
+# Named recipes. The paper's (method.md §3-§5): AdamW 1e-4, batch 256, EMA 0.9999,
+# GroupDiff-l with 10% of the images in similarity groups of 4, timestep variance 100.
+_PAPER = dict(group_mode="l", group_size=4, group_ratio=0.1, grouping="similarity", similarity_threshold=0.7,
+              timestep_variance=100.0, global_batch_size=256, lr=1e-4, ema_decay=0.9999)
+PRESETS = {
+    "sit-xl-l4": dict(_PAPER, model="SiT-XL/2"),
+    "dit-xl-l4": dict(_PAPER, model="DiT-XL/2"),
+    # the bundled shapes at 32 px (the demo's weights and bench/REPRODUCTION.md)
+    "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,
+                      lr=6e-3, ema_decay=0.995),
+}
