@@ -48,3 +48,13 @@ done
 groupdiff study --ckpt runs/l_sim/$CK --out study_cfg3/l_sim --group-sizes 1,4 --ref ref_stats.npz \
     --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu
 python "$HERE/../bench/reproduction_plot.py" --study study --scross scross --runs runs --out .
+
+# longer training (bench/REPRODUCTION.md, "Longer training"): l_sim and base to 4,000 steps, 2,048 samples
+LONG=(--data data_train --model SiT-Mi/4 --results-dir runs --group-size 4 --global-batch-size 64
+      --group-buffer 3200 --lr 6e-3 --ema-decay 0.995 --ckpt-every 500 --keep-every 500 --log-every 50
+      --eval-data data_heldout --eval-every 500 --max-steps 4000 --cpu --resume)
+groupdiff train "${LONG[@]}" --run-name l_sim --group-mode l --group-ratio 0.25 --grouping similarity
+groupdiff train "${LONG[@]}" --run-name base --group-mode none
+S4=(--ref ref_stats.npz --num-samples 2048 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
+groupdiff study --ckpt runs/l_sim/checkpoints/step_0004000 --out study4k/l_sim --group-sizes 1,4,16 "${S4[@]}"
+groupdiff study --ckpt runs/base/checkpoints/step_0004000 --out study4k/base --group-sizes 1 "${S4[@]}"
