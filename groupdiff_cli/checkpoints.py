@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
+from groupdiff_cli.defaults import WEIGHTS
 from groupdiff_cli.files import read_json_file
 from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config, read_safetensors
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "step_"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
-WEIGHT_FILES = {"ema": EMA_FILE, "model": MODEL_FILE}
+WEIGHT_FILES = dict(zip(WEIGHTS, (EMA_FILE, MODEL_FILE)))  # defaults.WEIGHTS: ("ema", "model")
 
 
 def checkpoint_step(ckpt_dir: Path) -> int:

@@ -256,9 +256,9 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
     from groupdiff_cli.train import train as run_train
 
     options.update(flip=not no_flip, compile=compile_)
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
-    given |= {"flip"} if "no_flip" in given else set()
-    given |= {"compile"} if "compile_" in given else set()
+    renamed = {"no_flip": "flip", "compile_": "compile"}
+    given = {renamed.get(name, name) for name in ctx.params
+             if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     for key, value in PRESETS.get(preset, {}).items():
         if key not in given:
             options[key] = value

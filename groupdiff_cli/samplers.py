@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from groupdiff_cli.defaults import DEFAULT_STEPS  # noqa: F401 (re-exported: samplers.DEFAULT_STEPS)
 from groupdiff_cli.objectives import _gather
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli import samplers
-from groupdiff_cli.defaults import CFG_SCALE
+from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, SD_VAE_SCALE
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
 from groupdiff_cli.seeds import GROUP_OFFSET
 
@@ -402,7 +402,6 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     Returns (job, model). Raises ValueError naming the flag for bad input.
     """
     from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.defaults import DEFAULT_VAE, PIXEL, SD_VAE_SCALE
     from groupdiff_cli.objectives import create, of_run
 
     model, info = load_model(ckpt, weights, model_name)
@@ -424,7 +423,7 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     objective = of_run(info)
     sampler = sampler or samplers.DEFAULT_SAMPLER[objective]
     samplers.check(sampler, objective, model.config["name"])
-    steps = steps or samplers.DEFAULT_STEPS
+    steps = steps or DEFAULT_STEPS
     create(objective, model.learn_sigma, steps)  # a DDPM refuses steps it cannot respace to
     vae = vae or dataset.get("vae", DEFAULT_VAE)
     if (vae == PIXEL) != (model.in_channels == 3 and dataset.get("vae", vae) == PIXEL):

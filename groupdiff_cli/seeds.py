@@ -31,10 +31,6 @@ def derived_seed(*ints: int) -> int:
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def training_seed(seed: int, rank: int, step: int, micro: int, stream: Stream) -> int:
-    return derived_seed(seed, rank, step, micro, stream)
-
-
 # numpy streams of the data path
 def shard_order_rng(seed: int, epoch: int) -> np.random.Generator:
     """The order of the shards in an epoch (the same for every process)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from groupdiff_cli.files import check_free_space, read_json_file, write_json_ato
 from groupdiff_cli.models import MODELS, create_model, load_pretrained
 from groupdiff_cli.objectives import create as create_objective
 from groupdiff_cli.objectives import for_model
-from groupdiff_cli.seeds import Stream, derived_seed, training_seed
+from groupdiff_cli.seeds import Stream, derived_seed
 
 __all__ = ["TrainOptions", "train"]
 
@@ -266,7 +266,7 @@ class Run:
             window.data_wait = max(window.data_wait, batches.last_wait)
             x0, t_net, xt, noise = self._noisy(batch, m)
             ids_gen = torch.Generator(device=accelerator.device).manual_seed(
-                training_seed(o.seed, state.process_index, self.step, m, Stream.SAMPLE_IDS))
+                derived_seed(o.seed, state.process_index, self.step, m, Stream.SAMPLE_IDS))
             with accelerator.accumulate(self.model), accelerator.autocast():
                 out = self.forward(xt, t_net, batch.labels, group_size=batch.group_sizes, generator=ids_gen)
                 per_image = self.objective.loss(out.float(), x0, xt, t_net, noise)
@@ -291,7 +291,7 @@ class Run:
         """The micro-step's diffusion times (one per group, jittered by
         --timestep-variance for group members), noise and noisy input."""
         o = self.o
-        gen = torch.Generator().manual_seed(training_seed(o.seed, self.state.process_index, self.step, m,
+        gen = torch.Generator().manual_seed(derived_seed(o.seed, self.state.process_index, self.step, m,
                                                          Stream.DIFFUSION))
         x0, b = batch.latents, batch.latents.shape[0]
         sizes = torch.tensor(batch.group_sizes)
@@ -373,7 +373,7 @@ class MetricsWindow:
 def _initial_model(o: TrainOptions, overrides: dict, log, resuming: bool):
     """The network at step 0: --init-from (fine-tuning), or a seeded initialisation.
     A resumed run starts from the latter and then loads its checkpoint."""
-    if not (o.init_from and not resuming):
+    if resuming or not o.init_from:
         torch.manual_seed(o.seed)
         model = create_model(o.model, **overrides)
         if o.sample_embed_std != 0.02:  # the default init stays bitwise as before

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.defaults import DEFAULT_VAE, PIXEL, SD_VAE_SCALE  # noqa: F401 (re-exported)
+from groupdiff_cli.defaults import PIXEL
 
 
 def load_vae(spec: str, device="cpu", flag: str = "--vae"):
