@@ -1,11 +1,13 @@
 """The two figures and the table of the small-scale reproduction (bench/REPRODUCTION.md).
 
-Reads the `groupdiff study` outputs of each run (study.csv: FID with its bootstrap
-interval, precision/recall, S_cross) and, when present, a second study of the same run
-that measured S_cross only (--scross-dir), plus the run's held-out loss (eval.jsonl).
+Reads the `groupdiff study` outputs of each run (STUDY_DIR/NAME/study.csv: FID with its
+bootstrap interval, precision/recall, S_cross, merged with any further studies of the same
+run in STUDY_DIR/NAME_*/, e.g. one per extra group size) and, when present, a second study
+of the same run that measured S_cross only (--scross), plus the run's held-out loss
+(eval.jsonl at --step).
 
     python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
-        --out bench/  [--names base,l_sim,l_rand,f_sim]
+        --out bench/ [--names base,l_sim,l_rand,f_sim] [--step 1000] [--suffix _4000]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main():
     ap.add_argument("--step", type=int, default=1000)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--names", default="base,l_sim,l_rand,f_sim")
+    ap.add_argument("--suffix", default="", help="appended to the figures' file names")
     args = ap.parse_args()
 
     import matplotlib
@@ -68,11 +71,13 @@ def main():
     import matplotlib.pyplot as plt
 
     names = args.names.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lines = ["| run | N | FID | 95% interval | precision | recall | S_cross (%) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     scross = {}
     for i, name in enumerate(names):
-        rows = read_csv(args.study / name / "study.csv")
+        rows = [r for d in [args.study / name, *sorted(args.study.glob(f"{name}_*"))] for r in read_csv(d / "study.csv")]
+        rows.sort(key=lambda r: r["group_size"])
         extra = read_csv(args.scross / name / "study.csv") if args.scross else []
         sc = {int(r["group_size"]): r["s_cross"] for r in rows + extra if r.get("s_cross") is not None}
         scross[name] = dict(sorted(sc.items()))
@@ -89,13 +94,16 @@ def main():
             lines.append(f"| {name} | {n} | {r['fid']:.2f} | {r['fid_ci_lo']:.2f} - {r['fid_ci_hi']:.2f} | "
                          f"{r['precision']:.3f} | {r['recall']:.3f} | "
                          f"{'' if sc.get(n) is None else f'{sc[n]:.2f}'} |")
-    save_figure(fig, ax, [1, 2, 4, 8, 16], "FID vs the dataset (bars: 95% bootstrap)", args.out / "reproduction_fid.png")
+    ax.set_title(f"step {args.step:,}", fontsize=9)
+    save_figure(fig, ax, [1, 2, 4, 8, 16], "FID vs the dataset (bars: 95% bootstrap)",
+                args.out / f"reproduction_fid{args.suffix}.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, sc in scross.items():
         if sc:
             ax.plot(list(sc), list(sc.values()), marker="s", label=LABELS.get(name, name))
-    save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / "reproduction_scross.png")
+    ax.set_title(f"step {args.step:,}", fontsize=9)
+    save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / f"reproduction_scross{args.suffix}.png")
 
     print("\n".join(lines))
     print("\nS_cross (%) per N:")
