@@ -87,7 +87,7 @@ def main():
             fid = [r["fid"] for r in pts]
             lo = [r["fid"] - r["fid_ci_lo"] for r in pts]
             hi = [r["fid_ci_hi"] - r["fid"] for r in pts]
-            ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], fid, yerr=[lo, hi], marker="o", capsize=3,
+            ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], fid, yerr=[lo, hi], marker="o", capsize=3, color=f"C{i}",
                         label=LABELS.get(name, name))
         for r in pts:
             n = int(r["group_size"])
@@ -99,9 +99,9 @@ def main():
                 args.out / f"reproduction_fid{args.suffix}.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, sc in scross.items():
-        if sc:
-            ax.plot(list(sc), list(sc.values()), marker="s", label=LABELS.get(name, name))
+    for i, (name, sc) in enumerate(scross.items()):
+        if sc:  # colour i as in the FID figure
+            ax.plot(list(sc), list(sc.values()), marker="s", color=f"C{i}", label=LABELS.get(name, name))
     ax.set_title(f"step {args.step:,}", fontsize=9)
     save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / f"reproduction_scross{args.suffix}.png")
 

@@ -49,12 +49,28 @@ groupdiff study --ckpt runs/l_sim/$CK --out study_cfg3/l_sim --group-sizes 1,4 -
     --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu
 python "$HERE/../bench/reproduction_plot.py" --study study --scross scross --runs runs --out .
 
-# longer training (bench/REPRODUCTION.md, "Longer training"): l_sim and base to 4,000 steps, 2,048 samples
+# longer training (bench/REPRODUCTION.md, "Longer training"): all four runs to 4,000 steps, 2,048 samples
 LONG=(--data data_train --model SiT-Mi/4 --results-dir runs --group-size 4 --global-batch-size 64
       --group-buffer 3200 --lr 6e-3 --ema-decay 0.995 --ckpt-every 500 --keep-every 500 --log-every 50
       --eval-data data_heldout --eval-every 500 --max-steps 4000 --cpu --resume)
 groupdiff train "${LONG[@]}" --run-name l_sim --group-mode l --group-ratio 0.25 --grouping similarity
 groupdiff train "${LONG[@]}" --run-name base --group-mode none
+groupdiff train "${LONG[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
+groupdiff train "${LONG[@]}" --run-name f_sim --group-mode f --grouping similarity
 S4=(--ref ref_stats.npz --num-samples 2048 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
-groupdiff study --ckpt runs/l_sim/checkpoints/step_0004000 --out study4k/l_sim --group-sizes 1,4,16 "${S4[@]}"
-groupdiff study --ckpt runs/base/checkpoints/step_0004000 --out study4k/base --group-sizes 1 "${S4[@]}"
+CK4=checkpoints/step_0004000
+groupdiff study --ckpt runs/l_sim/$CK4 --out study4k/l_sim --group-sizes 1,4,16 "${S4[@]}"
+# N = 2 and 8 as studies of their own (each point resumes on its own; the plot merges study4k/l_sim_*)
+groupdiff study --ckpt runs/l_sim/$CK4 --out study4k/l_sim_N2 --group-sizes 2 "${S4[@]}"
+groupdiff study --ckpt runs/l_sim/$CK4 --out study4k/l_sim_N8 --group-sizes 8 "${S4[@]}"
+groupdiff study --ckpt runs/base/$CK4 --out study4k/base --group-sizes 1 "${S4[@]}"
+groupdiff study --ckpt runs/l_rand/$CK4 --out study4k/l_rand --group-sizes 1,4 "${S4[@]}"
+groupdiff study --ckpt runs/f_sim/$CK4 --out study4k/f_sim --group-sizes 1,4 "${S4[@]}"
+python "$HERE/../bench/reproduction_plot.py" --study study4k --runs runs --step 4000 --suffix _4000 --out .
+# FID over training at 2,000 and 3,000 steps (N = 1, 1,024 samples; our runs were stopped after N = 1, so
+# REPRODUCTION.md has no N = 4 point from them); its 4,000-step point is the first 1,024 samples of
+# study4k/l_sim/N1 (groupdiff fid on an npz of them, --bootstrap 30)
+for step in 2000 3000; do
+  groupdiff study --ckpt runs/l_sim/checkpoints/step_000$step --out study_$step/l_sim --group-sizes 1,4 \
+      --num-samples 1024 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu --ref ref_stats.npz
+done
