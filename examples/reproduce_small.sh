@@ -74,3 +74,20 @@ for step in 2000 3000; do
   groupdiff study --ckpt runs/l_sim/checkpoints/step_000$step --out study_$step/l_sim --group-sizes 1,4 \
       --num-samples 1024 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu --ref ref_stats.npz
 done
+python - <<'PY'
+import numpy as np
+for run in ("l_sim", "base"):
+    with np.load(f"study4k/{run}/N1/samples.npz") as f:
+        np.savez(f"{run}_4000_first1024.npz", arr_0=f["arr_0"][:1024], arr_1=f["arr_1"][:1024])
+PY
+for run in l_sim base; do groupdiff fid "${run}_4000_first1024.npz" ref_stats.npz --bootstrap 30 --cpu; done
+# the guidance scale at 4,000 steps: 256 images (image i: seed i, class i // 32) jointly in 16 groups of 16
+# and one by one, FID with whole groups of 16 resampled (we ran this through the Python API, build_job +
+# run_sampling + fid.evaluate, with the same seeds, labels and settings)
+for w in 3 6; do
+  for n in 16 1; do
+    groupdiff sample --ckpt runs/l_sim/$CK4 --out cfg4k/cfg${w}_N$n --group-size $n --num-samples 256 --align-labels 32 \
+        --cfg-scale $w --sampler heun --steps 10 --batch-size 256 --cpu
+    groupdiff fid cfg4k/cfg${w}_N$n ref_stats.npz --bootstrap 50 --bootstrap-block 16 --cpu
+  done
+done
