@@ -4,7 +4,8 @@ Reads the `groupdiff study` outputs of each run (STUDY_DIR/NAME/study.csv: FID w
 bootstrap interval, precision/recall, S_cross, merged with any further studies of the same
 run in STUDY_DIR/NAME_*/, e.g. one per extra group size) and, when present, a second study
 of the same run that measured S_cross only (--scross), plus the run's held-out loss
-(eval.jsonl at --step).
+(eval.jsonl at --step). Where the studies have paired differences (fid_diff: FID(N) -
+FID(1) from the same seeds), a third figure shows them with their paired intervals.
 
     python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
         --out bench/ [--names base,l_sim,l_rand,f_sim] [--step 1000] [--suffix _4000]
@@ -74,7 +75,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lines = ["| run | N | FID | 95% interval | precision | recall | S_cross (%) |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    scross = {}
+    scross, paired = {}, {}
     for i, name in enumerate(names):
         rows = [r for d in [args.study / name, *sorted(args.study.glob(f"{name}_*"))] for r in read_csv(d / "study.csv")]
         rows.sort(key=lambda r: r["group_size"])
@@ -82,6 +83,8 @@ def main():
         sc = {int(r["group_size"]): r["s_cross"] for r in rows + extra if r.get("s_cross") is not None}
         scross[name] = dict(sorted(sc.items()))
         pts = [r for r in rows if r.get("fid") is not None]
+        paired[name] = [(int(r["group_size"]), r["fid_diff"], r["fid_diff_lo"], r["fid_diff_hi"])
+                        for r in rows if r.get("fid_diff") is not None]
         if pts:
             ns = [int(r["group_size"]) for r in pts]
             fid = [r["fid"] for r in pts]
@@ -104,6 +107,21 @@ def main():
             ax.plot(list(sc), list(sc.values()), marker="s", color=f"C{i}", label=LABELS.get(name, name))
     ax.set_title(f"step {args.step:,}", fontsize=9)
     save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / f"reproduction_scross{args.suffix}.png")
+
+    if any(paired.values()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.axhline(0, color="k", linewidth=0.8)
+        print("\nFID(N) - FID(1), paired 95% interval:")
+        for i, (name, pts) in enumerate(paired.items()):
+            if pts:
+                ns, d, lo, hi = zip(*pts)
+                ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], d,
+                            yerr=[[a - b for a, b in zip(d, lo)], [b - a for a, b in zip(d, hi)]],
+                            marker="o", capsize=3, color=f"C{i}", label=LABELS.get(name, name))
+                print(f"  {name}: " + ", ".join(f"N={n}: {v:+.2f} [{a:+.2f}, {b:+.2f}]" for n, v, a, b in pts))
+        ax.set_title(f"step {args.step:,}", fontsize=9)
+        save_figure(fig, ax, [2, 4, 8, 16], "FID(N) - FID(1) (bars: paired 95% bootstrap)",
+                    args.out / f"reproduction_fid_diff{args.suffix}.png")
 
     print("\n".join(lines))
     print("\nS_cross (%) per N:")

@@ -91,3 +91,33 @@ for w in 3 6; do
     groupdiff fid cfg4k/cfg${w}_N$n ref_stats.npz --bootstrap 50 --bootstrap-block 16 --cpu
   done
 done
+
+# ---- session 7: paired differences FID(N) - FID(1) at 4,000 steps ----
+# The same seeds and labels at every N; `study` now adds a paired bootstrap interval of the
+# difference. These reuse the samples above (the folders were copied with `cp -al`, so
+# sampling resumes with nothing to do) and sample l_sim at N = 2 and 8 again with l_sim's
+# label order (the N2/N8 studies above used their own); the plot's third figure shows them.
+mkdir -p paired4k/l_sim paired4k/l_rand paired4k/f_sim
+for n in N1 N4 N16; do cp -al study4k/l_sim/$n paired4k/l_sim/$n; done
+for r in l_rand f_sim; do for n in N1 N4; do cp -al study4k/$r/$n paired4k/$r/$n; done; done
+groupdiff study --ckpt runs/l_sim/$CK4 --out paired4k/l_sim --group-sizes 1,2,4,8,16 "${S4[@]}"
+groupdiff study --ckpt runs/l_rand/$CK4 --out paired4k/l_rand --group-sizes 1,4 "${S4[@]}"
+groupdiff study --ckpt runs/f_sim/$CK4 --out paired4k/f_sim --group-sizes 1,4 "${S4[@]}"
+python "$HERE/../bench/reproduction_plot.py" --study paired4k --step 4000 --suffix _paired_4000 --out .
+
+# ---- session 7: a small real image set, scikit-learn's handwritten digits ----
+# 1,797 images of 8x8 pixels, 10 classes, enlarged 4x to 32x32 (one /4 patch = one pixel);
+# never flipped. Baseline and GroupDiff-l-4 with similarity groups, the shapes recipe, 2,000 steps.
+pip install scikit-learn
+python "$HERE/../bench/digits_dataset.py" digits/images
+groupdiff encode digits/images digits/data --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
+    --shard-size 1000 --no-flip --cpu
+groupdiff fid digits/images --save-ref-stats digits/ref_stats.npz --cpu  # the FID reference: all 1,797 images
+DIG=(--data digits/data --preset shapes-l4 --results-dir digits/runs --group-buffer 1797 --no-flip
+     --ckpt-every 500 --keep-every 500 --log-every 100 --max-steps 2000 --cpu)
+groupdiff train "${DIG[@]}" --run-name base --group-mode none
+groupdiff train "${DIG[@]}" --run-name l_sim --grouping similarity
+SD=(--ref digits/ref_stats.npz --num-samples 2048 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
+groupdiff study --ckpt digits/runs/l_sim/checkpoints/step_0002000 --out digits/study/l_sim --group-sizes 1,4,16 "${SD[@]}"
+groupdiff study --ckpt digits/runs/base/checkpoints/step_0002000 --out digits/study/base --group-sizes 1 "${SD[@]}"
+python "$HERE/../bench/reproduction_plot.py" --study digits/study --names base,l_sim --step 2000 --suffix _digits --out .
