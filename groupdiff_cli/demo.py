@@ -149,10 +149,10 @@ def _reference_npz(shapes: Path, path: Path, per_class: int) -> Path:
 
 
 def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, fids: dict | None = None,
-                      zoom: int = 4) -> np.ndarray:
-    """One row per class (its name on the left): the jointly sampled group next to the
-    same seeds sampled one by one, headed "jointly (N=16)" / "one by one", each half's
-    FID under it."""
+                      zoom: int = 4, class_names=CLASSES) -> np.ndarray:
+    """One row per class (its name on the left; row k is class k): the jointly sampled
+    group next to the same seeds sampled one by one, headed "jointly (N=16)" / "one by
+    one", each half's FID under it."""
     from PIL import Image, ImageDraw
 
     from groupdiff_cli.sampling import grid_image
@@ -171,7 +171,7 @@ def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, 
     half = (body.shape[1] - 6 * zoom) // 2
     row_h = (body.shape[0] + 6 * zoom) // len(rows)
     for k in range(len(rows)):
-        draw.text((4, head_h + k * row_h + row_h // 2 - 10), CLASSES[k % len(CLASSES)], fill="black")
+        draw.text((4, head_h + k * row_h + row_h // 2 - 10), str(class_names[k % len(class_names)]), fill="black")
     for i, title in enumerate((f"jointly (N={group_size})", "one by one (N=1)")):
         x = label_w + i * (half + 6 * zoom)
         draw.text((x + 2, 2), title, fill="black")

@@ -1,0 +1,44 @@
+"""The first group of every class from a `groupdiff study`, jointly (the largest N) next
+to the same seeds one by one, with each side's FID: the demo's comparison figure for a
+study's samples (image i of a study has seed i and class (i // max N) mod classes, so
+the first max N x classes images hold one group per class, in class order).
+
+    python bench/reproduction_samples.py STUDY_DIR --out figure.png [--class-names 0,1,...]
+"""
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from groupdiff_cli.demo import CLASSES, comparison_figure
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--class-names", default=",".join(CLASSES))
+    ap.add_argument("--zoom", type=int, default=2)
+    a = ap.parse_args()
+    names = a.class_names.split(",")
+    sizes = sorted(int(p.name[1:]) for p in a.study.glob("N*") if (p / "samples.npz").exists())
+    if 1 not in sizes or len(sizes) < 2:
+        raise SystemExit(f"{a.study}: needs N1/ and a larger N*/ with samples.npz")
+    n = sizes[-1]
+    take = n * len(names)
+    imgs = {k: np.load(a.study / f"N{k}" / "samples.npz")["arr_0"][:take] for k in (1, n)}
+    labels = np.load(a.study / f"N{n}" / "labels.npy")[:take]
+    if not np.array_equal(labels, np.repeat(np.arange(len(names)), n)):
+        raise SystemExit(f"{a.study}: the first {take} images are not one group of {n} per class in class order")
+    with open(a.study / "study.csv") as f:
+        fids = {int(r["group_size"]): float(r["fid"]) for r in csv.DictReader(f) if r["fid"]}
+    fig = comparison_figure(imgs[n], imgs[1], n, {k: fids[k] for k in (1, n) if k in fids}, a.zoom, names)
+    Image.fromarray(fig).save(a.out)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
