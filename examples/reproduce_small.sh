@@ -103,7 +103,7 @@ for r in l_rand f_sim; do for n in N1 N4; do cp -al study4k/$r/$n paired4k/$r/$n
 groupdiff study --ckpt runs/l_sim/$CK4 --out paired4k/l_sim --group-sizes 1,2,4,8,16 "${S4[@]}"
 groupdiff study --ckpt runs/l_rand/$CK4 --out paired4k/l_rand --group-sizes 1,4 "${S4[@]}"
 groupdiff study --ckpt runs/f_sim/$CK4 --out paired4k/f_sim --group-sizes 1,4 "${S4[@]}"
-python "$HERE/../bench/reproduction_plot.py" --study paired4k --step 4000 --suffix _paired_4000 --out .
+python "$HERE/../bench/reproduction_plot.py" --study paired4k --step 4000 --suffix _paired_4000 --out .  # reproduction_fid_diff_paired_4000.png
 
 # ---- session 7: a small real image set, scikit-learn's handwritten digits ----
 # 1,797 images of 8x8 pixels, 10 classes, enlarged 4x to 32x32 (one /4 patch = one pixel);
@@ -121,3 +121,4 @@ SD=(--ref digits/ref_stats.npz --num-samples 2048 --cfg-scale 1.5 --sampler heun
 groupdiff study --ckpt digits/runs/l_sim/checkpoints/step_0002000 --out digits/study/l_sim --group-sizes 1,4,16 "${SD[@]}"
 groupdiff study --ckpt digits/runs/base/checkpoints/step_0002000 --out digits/study/base --group-sizes 1 "${SD[@]}"
 python "$HERE/../bench/reproduction_plot.py" --study digits/study --names base,l_sim --step 2000 --suffix _digits --out .
+python "$HERE/../bench/reproduction_samples.py" digits/study/l_sim --class-names 0,1,2,3,4,5,6,7,8,9 --out reproduction_digits_samples.png
