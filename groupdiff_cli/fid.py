@@ -515,7 +515,8 @@ def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int
 
 
 def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDistance, rounds: int,
-                          block: int = 1, seed: int = 0, base_values: np.ndarray | None = None) -> dict:
+                          block: int = 1, seed: int = 0, base_values: np.ndarray | None = None,
+                          estimate: float | None = None) -> dict:
     """FID(pool) - FID(base_pool) for two sample sets whose image i came from the same
     seed and label (e.g. one group size against one by one), with a bias-corrected
     bootstrap interval that resamples the *same* blocks of both sets in every round.
@@ -524,13 +525,15 @@ def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDi
     reference), so the paired interval of the difference is much narrower than the two
     separate intervals suggest. ``block`` must hold whole groups of both sets (a
     multiple of both group sizes). ``base_values`` (``resampled_fids`` of ``base_pool``
-    with the same rounds, block and seed) saves recomputing them for several sets."""
+    with the same rounds, block and seed) saves recomputing them for several sets, and
+    ``estimate`` (the full-set FID(pool) - FID(base_pool)) recomputing the FIDs."""
     if len(pool) != len(base_pool):
         raise ValueError(f"paired FID: {len(pool)} and {len(base_pool)} samples; a pair needs equal counts")
     if base_values is None:
         base_values = resampled_fids(base_pool, fd, rounds, block, seed)
     values = resampled_fids(pool, fd, rounds, block, seed)
-    estimate = fd(*gaussian_stats(pool)) - fd(*gaussian_stats(base_pool))
+    if estimate is None:
+        estimate = fd(*gaussian_stats(pool)) - fd(*gaussian_stats(base_pool))
     out = _bias_corrected_interval(values - base_values, estimate, block)
     out.update(difference=float(estimate))
     return out
