@@ -440,13 +440,19 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
 @click.option("--bootstrap-block", default=1, show_default=True, type=click.IntRange(1),
               help="Resample blocks of this many consecutive samples together: set it to the group size, "
                    "since group-mates are correlated.")
+@click.option("--paired-with", default=None, metavar="OTHER", type=click.Path(path_type=str),
+              help="A second sample set whose image i has the same seed and label as SAMPLES' (the same `sample` "
+                   "command at another group size or from another checkpoint, e.g. with --align-labels): also "
+                   "report FID(SAMPLES) - FID(OTHER) with a paired bootstrap interval that resamples the same "
+                   "blocks of both, far narrower than the two separate intervals. Needs --bootstrap; "
+                   "--bootstrap-block must hold whole groups of both sets.")
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1),
               help="Images per Inception forward pass (per process).")
 @click.option("--num-workers", default=0, show_default=True, type=click.IntRange(0),
               help="DataLoader workers for decoding image folders.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the bootstrap, P/R subset and KID subsets.")
 @click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
-def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, bootstrap, bootstrap_block,
+def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, bootstrap, bootstrap_block, paired_with,
         batch_size, num_workers, seed, cpu):
     """FID, sFID, Inception Score, precision/recall (and KID) of SAMPLES against REF,
     computed as the ADM evaluator does, so numbers compare with published ones.
@@ -459,7 +465,9 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
              images), a file written with --save-ref-stats, or images (npz/folder).
 
     With one image set and --save-ref-stats OUT, only that set's statistics are
-    computed and stored (a reference for later runs).
+    computed and stored (a reference for later runs). When only pool features are
+    needed (--metrics fid,prc,kid), a sample folder's pool_features.npz (written by
+    `study`) is reused if it was made from the same pixels by the same network.
 
     Runs on several GPUs under `accelerate launch -m groupdiff_cli fid ...`.
     """
@@ -479,7 +487,8 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
     chosen = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else DEFAULT_METRICS
     report = evaluate(samples, ref, chosen, inception_weights=inception_weights, batch_size=batch_size,
                       num_workers=num_workers, bootstrap=bootstrap, bootstrap_block=bootstrap_block,
-                      save_ref_stats=save_ref_stats, seed=seed, cpu=cpu, explicit_metrics=metrics is not None)
+                      save_ref_stats=save_ref_stats, seed=seed, cpu=cpu, explicit_metrics=metrics is not None,
+                      paired_with=paired_with)
     from groupdiff_cli.distributed import process_state
 
     if process_state(cpu).is_main_process:

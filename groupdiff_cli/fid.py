@@ -365,20 +365,27 @@ def images_sha256(images, batch_size: int = 256) -> str:
     return hashlib.sha256(torch.cat(digests).numpy().tobytes()).hexdigest()
 
 
-def save_pool_features(feats: Features, path) -> None:
+POOL_FEATURES = "pool_features.npz"  # a sample folder's saved pool features (`study` writes them)
+
+
+def save_pool_features(feats: Features, path, extractor: "InceptionFeatures") -> None:
     """Keep a sample set's pool features (what FID and precision/recall need; 8 kB an
     image) beside it, atomically, so that re-evaluating it skips the network."""
     with atomic_path(Path(path)) as tmp:
-        np.savez(tmp, pool=feats.pool.astype(np.float32), sha256=np.array(feats.sha256))
+        np.savez(tmp, pool=feats.pool.astype(np.float32), sha256=np.array(feats.sha256),
+                 extractor_sha256=np.array(extractor.weights["sha256"]))
 
 
-def load_pool_features(path, images) -> Features | None:
-    """The pool features saved for ``images``, or None when there are none or they were
-    computed from other pixels (the sha256 of the images differs)."""
+def load_pool_features(path, images, extractor: "InceptionFeatures") -> Features | None:
+    """The pool features saved for ``images``, or None when there are none, or they were
+    computed from other pixels (the sha256 of the images differs) or by other network
+    weights than ``extractor``'s."""
     path = Path(path)
     if not path.exists():
         return None
     with np.load(path) as f:
+        if "extractor_sha256" not in f or str(f["extractor_sha256"]) != extractor.weights["sha256"]:
+            return None
         pool, sha = f["pool"], str(f["sha256"])
     if len(pool) != len(images) or sha != images_sha256(images):
         return None
@@ -516,7 +523,7 @@ def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int
 
 def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDistance, rounds: int,
                           block: int = 1, seed: int = 0, base_values: np.ndarray | None = None,
-                          estimate: float | None = None) -> dict:
+                          estimate: float | None = None, values: np.ndarray | None = None) -> dict:
     """FID(pool) - FID(base_pool) for two sample sets whose image i came from the same
     seed and label (e.g. one group size against one by one), with a bias-corrected
     bootstrap interval that resamples the *same* blocks of both sets in every round.
@@ -524,14 +531,15 @@ def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDi
     The two FIDs share most of their sampling noise (the same seeds, labels and
     reference), so the paired interval of the difference is much narrower than the two
     separate intervals suggest. ``block`` must hold whole groups of both sets (a
-    multiple of both group sizes). ``base_values`` (``resampled_fids`` of ``base_pool``
-    with the same rounds, block and seed) saves recomputing them for several sets, and
-    ``estimate`` (the full-set FID(pool) - FID(base_pool)) recomputing the FIDs."""
+    multiple of both group sizes). ``base_values`` and ``values`` (``resampled_fids`` of
+    ``base_pool`` and ``pool`` with the same rounds, block and seed) save recomputing
+    them, and ``estimate`` (the full-set FID(pool) - FID(base_pool)) recomputing the FIDs."""
     if len(pool) != len(base_pool):
         raise ValueError(f"paired FID: {len(pool)} and {len(base_pool)} samples; a pair needs equal counts")
     if base_values is None:
         base_values = resampled_fids(base_pool, fd, rounds, block, seed)
-    values = resampled_fids(pool, fd, rounds, block, seed)
+    if values is None:
+        values = resampled_fids(pool, fd, rounds, block, seed)
     if estimate is None:
         estimate = fd(*gaussian_stats(pool)) - fd(*gaussian_stats(base_pool))
     out = _bias_corrected_interval(values - base_values, estimate, block)
@@ -632,14 +640,20 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
              num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
              seed: int = 0, cpu: bool = False, explicit_metrics: bool = True,
              extractor: InceptionFeatures | None = None, features: Features | None = None,
-             return_features: bool = False):
+             return_features: bool = False, paired_with=None):
     """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
     the provenance (counts, hashes, feature extractor and weights) as a dict.
 
     ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
     ``inception_weights`` is not read). ``features`` are the samples' features computed
     before (e.g. ``load_pool_features``: pool only, enough for FID, precision/recall and
-    KID); with ``return_features`` the result is ``(report, features)``.
+    KID); with ``return_features`` the result is ``(report, features)``. When only pool
+    features are needed, a sample folder's saved ones (``POOL_FEATURES``) are reused if
+    they match its pixels and the network.
+
+    ``paired_with``: a second sample set whose image i came from the same seed and label;
+    adds FID(samples) - FID(paired_with) with a paired bootstrap interval (needs
+    ``bootstrap``; ``bootstrap_block`` must hold whole groups of both sets).
 
     With ``explicit_metrics=False`` (the default metric set) a metric the reference
     cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
@@ -660,6 +674,11 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         raise FileNotFoundError(f"{ref_path}: no such file or folder")
     if save_ref_stats and is_stats_file(ref_path):
         raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
+    if bootstrap and len(images) % bootstrap_block:  # said before any network runs
+        raise ValueError(f"--bootstrap-block {bootstrap_block} does not divide the {len(images)} samples")
+    if paired_with is not None and ("fid" not in metrics or bootstrap < 2):
+        raise ValueError("--paired-with: needs FID among the metrics and --bootstrap (at least 2 resamples)")
+    other_images = None if paired_with is None else _pairable_images(paired_with, samples, len(images))
 
     extractor = extractor or InceptionFeatures(inception_weights)
     read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
@@ -667,14 +686,16 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
     if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
         ref.pool = extract_features(ref.images, desc="reference images", **read).pool
-    feats = features if features is not None else extract_features(images, desc="samples", **read)
+    feats = features if features is not None else _features(samples, images, set(chosen) <= POOL_METRICS,
+                                                             "samples", read)
+    other = None if paired_with is None else _features(paired_with, other_images, True, "paired samples", read)
     missing = [m for m, arr in (("sfid", feats.spatial), ("isc", feats.logits)) if m in chosen and arr.size == 0]
     if missing:
         raise ValueError(f"the given features hold pool features only; {missing} need the network's other outputs")
     import torch_fidelity
 
     report = dict(
-        metrics=_metrics(chosen, feats, ref, bootstrap, bootstrap_block, seed),
+        metrics=_metrics(chosen, feats, ref, bootstrap, bootstrap_block, seed, other),
         notes=notes,
         samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
         reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
@@ -683,7 +704,36 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         processes=state.num_processes,
         groupdiff=__version__,
     )
+    if other is not None:
+        report["paired_with"] = dict(path=str(paired_with), count=len(other), sha256=other.sha256)
     return (report, feats) if return_features else report
+
+
+POOL_METRICS = frozenset({"fid", "prc", "kid"})  # the metrics that pool features alone support
+
+
+def _features(path, images, pool_only: bool, desc: str, read: dict) -> Features:
+    """The features of ``images`` (read from ``path``): the folder's saved pool features
+    when those are all that is needed and they fit, else extracted."""
+    if pool_only and Path(path).is_dir():
+        saved = load_pool_features(Path(path) / POOL_FEATURES, images, read["extractor"])
+        if saved is not None:
+            return saved
+    return extract_features(images, desc=desc, **read)
+
+
+def _pairable_images(path, samples, count: int):
+    """The images of the ``--paired-with`` set, once it is clear that they can pair with
+    SAMPLES image by image (before any network runs)."""
+    images = open_images(path)
+    if len(images) != count:
+        raise ValueError(f"--paired-with {path}: {len(images)} images, SAMPLES has {count}; a pair needs the same "
+                         f"seeds and labels, image by image")
+    mine, theirs = Path(samples) / "labels.npy", Path(path) / "labels.npy"
+    if mine.is_file() and theirs.is_file() and not np.array_equal(np.load(mine), np.load(theirs)):
+        raise ValueError(f"--paired-with {path}: its labels.npy differs from SAMPLES' (image i of both must share "
+                         f"its seed and label; `sample --align-labels` lines them up)")
+    return images
 
 
 def _reference(ref_path: Path, save_ref_stats, read: dict):
@@ -738,14 +788,20 @@ def _supported_metrics(metrics, ref, ref_path: Path, num_samples: int, has_logit
     return chosen, notes
 
 
-def _metrics(chosen, feats, ref, bootstrap: int, bootstrap_block: int, seed: int) -> dict:
+def _metrics(chosen, feats, ref, bootstrap: int, bootstrap_block: int, seed: int,
+             other: Features | None = None) -> dict:
     results: dict = {}
     fd = FrechetDistance(ref.mu, ref.sigma)
     if "fid" in chosen:
         results["fid"] = fd(*gaussian_stats(feats.pool))
-        if bootstrap:
-            results["fid_bootstrap"] = bootstrap_fid(feats.pool, fd, bootstrap, bootstrap_block, seed,
-                                                     estimate=results["fid"])
+        if bootstrap:  # one set of resamples for the interval and the paired difference
+            values = resampled_fids(feats.pool, fd, bootstrap, bootstrap_block, seed)
+            results["fid_bootstrap"] = _bias_corrected_interval(values, results["fid"], bootstrap_block)
+            if other is not None:
+                other_fid = fd(*gaussian_stats(other.pool))
+                results["fid_paired"] = dict(
+                    paired_fid_difference(feats.pool, other.pool, fd, bootstrap, bootstrap_block, seed,
+                                          values=values, estimate=results["fid"] - other_fid), other_fid=other_fid)
     if "sfid" in chosen:
         results["sfid"] = frechet_distance(*gaussian_stats(feats.spatial), ref.mu_s, ref.sigma_s)
     if "isc" in chosen:
@@ -766,6 +822,11 @@ def format_table(report: dict) -> str:
         b = m["fid_bootstrap"]
         rows.append((f"FID 95% CI ({b['rounds']} resamples, block {b['block']}, bias-corrected)",
                      f"[{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]  std {b['std']:.4f}  bias {b['bias']:+.4f}"))
+    if "fid_paired" in m:
+        p = m["fid_paired"]
+        rows.append(("FID of --paired-with", f"{p['other_fid']:.4f}"))
+        rows.append((f"FID - FID(--paired-with), paired 95% CI (block {p['block']})",
+                     f"{p['difference']:+.4f}  [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"))
     if "sfid" in m:
         rows.append(("sFID", f"{m['sfid']:.4f}"))
     if "isc" in m:

@@ -144,16 +144,20 @@ def test_pool_features_round_trip_and_are_refused_for_other_pixels(tmp_path):
     imgs = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", imgs)
     images = fid.open_images(tmp_path / "a.npz")
-    weights = write_random_inception_weights(tmp_path / "inception.pth")
-    feats = fid.extract_features(images, fid.InceptionFeatures(weights), batch_size=4)
+    ext = fid.InceptionFeatures(write_random_inception_weights(tmp_path / "inception.pth"))
+    feats = fid.extract_features(images, ext, batch_size=4)
     assert fid.images_sha256(images) == feats.sha256
-    fid.save_pool_features(feats, tmp_path / "pool.npz")
-    back = fid.load_pool_features(tmp_path / "pool.npz", images)
+    fid.save_pool_features(feats, tmp_path / "pool.npz", ext)
+    back = fid.load_pool_features(tmp_path / "pool.npz", images, ext)
     np.testing.assert_array_equal(back.pool, feats.pool)
     imgs[3, 0, 0, 0] ^= 1  # one pixel of one image
     np.savez(tmp_path / "b.npz", imgs)
-    assert fid.load_pool_features(tmp_path / "pool.npz", fid.open_images(tmp_path / "b.npz")) is None
-    assert fid.load_pool_features(tmp_path / "missing.npz", images) is None
+    assert fid.load_pool_features(tmp_path / "pool.npz", fid.open_images(tmp_path / "b.npz"), ext) is None
+    assert fid.load_pool_features(tmp_path / "missing.npz", images, ext) is None
+    # features of another network (other weights) are not this one's
+    other = fid.InceptionFeatures(write_random_inception_weights(tmp_path / "other.pth", seed=1))
+    assert other.weights["sha256"] != ext.weights["sha256"]
+    assert fid.load_pool_features(tmp_path / "pool.npz", images, other) is None
 
 
 # ----------------------------------------------------------------------------- the TF FID Inception, offline
@@ -267,6 +271,76 @@ def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
         assert res.exit_code == 0, res.output
         got = json.loads((d / "r.json").read_text())["metrics"]
         assert got == pytest.approx(direct, rel=1e-6), ref
+
+
+def _sample_dir(path, images, labels):
+    """A folder as `groupdiff sample` writes it."""
+    path.mkdir()
+    np.savez(path / "samples.npz", arr_0=images, arr_1=labels)
+    np.save(path / "labels.npy", labels)
+    return path
+
+
+def test_paired_with_reports_the_difference_of_the_two_fids_with_a_paired_interval(data, tmp_path):
+    d, rng = data["dir"], np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 2)
+    a = _sample_dir(tmp_path / "a", data["samples"], labels)
+    nudged = np.clip(data["samples"].astype(int) + rng.integers(-20, 21, data["samples"].shape), 0, 255)
+    b = _sample_dir(tmp_path / "b", nudged.astype(np.uint8), labels)  # the same "seeds", a little changed
+    common = ["--inception-weights", data["weights"], "--metrics", "fid", "--bootstrap", "20",
+              "--bootstrap-block", "2"]
+    fids = {}
+    for name in ("a", "b"):
+        res = run_fid(tmp_path / name, d / "ref.npz", *common, "--json", tmp_path / f"{name}.json")
+        assert res.exit_code == 0, res.output
+        fids[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["fid"]
+    res = run_fid(a, d / "ref.npz", *common, "--paired-with", b, "--json", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    p = report["metrics"]["fid_paired"]
+    assert p["other_fid"] == pytest.approx(fids["b"], rel=1e-6)
+    assert p["difference"] == pytest.approx(fids["a"] - fids["b"], rel=1e-6)
+    assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["block"] == 2 and p["rounds"] == 20
+    assert report["paired_with"]["count"] == 8 and "FID - FID(--paired-with)" in res.output
+    # a set paired with itself: zero, with a zero-width interval
+    res = run_fid(a, d / "ref.npz", *common, "--paired-with", a, "--json", tmp_path / "s.json")
+    same = json.loads((tmp_path / "s.json").read_text())["metrics"]["fid_paired"]
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("case", ["labels", "count", "no_bootstrap"])
+def test_paired_with_refuses_sets_that_do_not_pair(data, tmp_path, case):
+    d = data["dir"]
+    labels = np.repeat(np.arange(4), 2)
+    a = _sample_dir(tmp_path / "a", data["samples"], labels)
+    extra = ["--bootstrap", "10"]
+    if case == "labels":
+        other, expect = _sample_dir(tmp_path / "b", data["samples"], labels[::-1].copy()), "labels.npy differs"
+    elif case == "count":
+        other, expect = _sample_dir(tmp_path / "b", data["samples"][:6], labels[:6]), "6 images, SAMPLES has 8"
+    else:
+        other, expect, extra = d / "sample_dir", "needs FID among the metrics and --bootstrap", []
+    res = run_fid(a, d / "ref.npz", "--inception-weights", data["weights"], "--metrics", "fid", "--paired-with",
+                  other, *extra)
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "--paired-with" in lines[0] and expect in lines[0], res.output
+
+
+def test_saved_pool_features_are_reused_only_when_pool_features_suffice(data, tmp_path, monkeypatch):
+    d = data["dir"]
+    a = _sample_dir(tmp_path / "a", data["samples"], np.zeros(8, np.int64))
+    ext = fid.InceptionFeatures(data["weights"])
+    fresh = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
+    feats = fid.extract_features(fid.open_images(a), ext, batch_size=4)
+    fid.save_pool_features(feats, a / fid.POOL_FEATURES, ext)
+    calls = []
+    real = fid.extract_features
+    monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
+    again = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
+    assert again["metrics"] == pytest.approx(fresh["metrics"], rel=1e-5) and calls == ["reference"]
+    fid.evaluate(a, d / "ref.npz", ("fid", "sfid"), extractor=ext, cpu=True)  # sFID needs the network
+    assert calls[-1] == "samples"
 
 
 def test_only_stats_without_spatial_skips_sfid_by_default_but_errors_when_asked(data):
