@@ -122,3 +122,14 @@ groupdiff study --ckpt digits/runs/l_sim/checkpoints/step_0002000 --out digits/s
 groupdiff study --ckpt digits/runs/base/checkpoints/step_0002000 --out digits/study/base --group-sizes 1 "${SD[@]}"
 python "$HERE/../bench/reproduction_plot.py" --study digits/study --names base,l_sim --step 2000 --suffix _digits --out .
 python "$HERE/../bench/reproduction_samples.py" digits/study/l_sim --class-names 0,1,2,3,4,5,6,7,8,9 --out reproduction_digits_samples.png
+
+# ---- session 8: paired differences between runs (`fid --paired-with`) ----
+# The baseline one by one with l_rand's and f_sim's label order (image i: seed i, class (i // 4) mod 8),
+# so that image i of base/N1, l_rand/N* and f_sim/N* shares its seed and label; then each run against it.
+# (paired4k/l_rand and paired4k/f_sim are the studies above; each N*/ keeps its pool features.)
+groupdiff sample --ckpt runs/base/$CK4 --out paired4k/base/N1 --group-size 1 --num-samples 2048 --align-labels 4 \
+    --cfg-scale 1.5 --sampler heun --steps 10 --batch-size 256 --cpu
+P=(ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 4 --cpu)
+for s in l_rand/N1 l_rand/N4 f_sim/N1 f_sim/N4; do
+  groupdiff fid paired4k/$s "${P[@]}" --paired-with paired4k/base/N1
+done

@@ -465,9 +465,10 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
              images), a file written with --save-ref-stats, or images (npz/folder).
 
     With one image set and --save-ref-stats OUT, only that set's statistics are
-    computed and stored (a reference for later runs). When only pool features are
-    needed (--metrics fid,prc,kid), a sample folder's pool_features.npz (written by
-    `study`) is reused if it was made from the same pixels by the same network.
+    computed and stored (a reference for later runs). A `groupdiff sample` folder
+    keeps the pool features extracted from it (pool_features.npz); they are reused
+    when only pool features are needed (--metrics fid,prc,kid) and were made from
+    the same pixels by the same network.
 
     Runs on several GPUs under `accelerate launch -m groupdiff_cli fid ...`.
     """

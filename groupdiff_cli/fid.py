@@ -365,7 +365,7 @@ def images_sha256(images, batch_size: int = 256) -> str:
     return hashlib.sha256(torch.cat(digests).numpy().tobytes()).hexdigest()
 
 
-POOL_FEATURES = "pool_features.npz"  # a sample folder's saved pool features (`study` writes them)
+POOL_FEATURES = "pool_features.npz"  # a `groupdiff sample` folder's pool features, saved by `fid`
 
 
 def save_pool_features(feats: Features, path, extractor: "InceptionFeatures") -> None:
@@ -639,17 +639,15 @@ def is_stats_file(path: Path) -> bool:
 def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None, batch_size: int = 100,
              num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
              seed: int = 0, cpu: bool = False, explicit_metrics: bool = True,
-             extractor: InceptionFeatures | None = None, features: Features | None = None,
-             return_features: bool = False, paired_with=None):
+             extractor: InceptionFeatures | None = None, return_features: bool = False, paired_with=None):
     """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
     the provenance (counts, hashes, feature extractor and weights) as a dict.
 
     ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
-    ``inception_weights`` is not read). ``features`` are the samples' features computed
-    before (e.g. ``load_pool_features``: pool only, enough for FID, precision/recall and
-    KID); with ``return_features`` the result is ``(report, features)``. When only pool
-    features are needed, a sample folder's saved ones (``POOL_FEATURES``) are reused if
-    they match its pixels and the network.
+    ``inception_weights`` is not read). With ``return_features`` the result is
+    ``(report, features)``. A `groupdiff sample` folder keeps its pool features
+    (``POOL_FEATURES``); when only pool features are needed (FID, precision/recall,
+    KID), they are reused if they match its pixels and the network.
 
     ``paired_with``: a second sample set whose image i came from the same seed and label;
     adds FID(samples) - FID(paired_with) with a paired bootstrap interval (needs
@@ -686,12 +684,8 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
     if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
         ref.pool = extract_features(ref.images, desc="reference images", **read).pool
-    feats = features if features is not None else _features(samples, images, set(chosen) <= POOL_METRICS,
-                                                             "samples", read)
+    feats = _features(samples, images, set(chosen) <= POOL_METRICS, "samples", read)
     other = None if paired_with is None else _features(paired_with, other_images, True, "paired samples", read)
-    missing = [m for m, arr in (("sfid", feats.spatial), ("isc", feats.logits)) if m in chosen and arr.size == 0]
-    if missing:
-        raise ValueError(f"the given features hold pool features only; {missing} need the network's other outputs")
     import torch_fidelity
 
     report = dict(
@@ -714,12 +708,19 @@ POOL_METRICS = frozenset({"fid", "prc", "kid"})  # the metrics that pool feature
 
 def _features(path, images, pool_only: bool, desc: str, read: dict) -> Features:
     """The features of ``images`` (read from ``path``): the folder's saved pool features
-    when those are all that is needed and they fit, else extracted."""
-    if pool_only and Path(path).is_dir():
-        saved = load_pool_features(Path(path) / POOL_FEATURES, images, read["extractor"])
+    when those are all that is needed and they fit, else extracted. A `groupdiff sample`
+    folder keeps the pool features extracted from it, so that evaluating it again (a
+    study's rerun, another --paired-with) skips the network."""
+    folder = Path(path)
+    cache = folder / POOL_FEATURES
+    if pool_only and folder.is_dir():
+        saved = load_pool_features(cache, images, read["extractor"])
         if saved is not None:
             return saved
-    return extract_features(images, desc=desc, **read)
+    feats = extract_features(images, desc=desc, **read)
+    if (folder / "sample_config.json").is_file() and read["state"].is_main_process:
+        save_pool_features(feats, cache, read["extractor"])
+    return feats
 
 
 def _pairable_images(path, samples, count: int):

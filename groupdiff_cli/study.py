@@ -44,14 +44,11 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
         if ref is not None:
             if not fid.is_stats_file(Path(ref)) and stats.exists():
                 ref = stats
-            samples, cache = out / f"N{n}", out / f"N{n}" / fid.POOL_FEATURES
-            cached = fid.load_pool_features(cache, fid.open_images(samples), extractor)
-            rep, feats = fid.evaluate(samples, ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
+            # pool features only: a rerun reuses those kept in N{n}/ (no Inception pass)
+            rep, feats = fid.evaluate(out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
                                       bootstrap_block=n, seed=seed, cpu=cpu, explicit_metrics=False,
                                       save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats,
-                                      features=cached, return_features=True)
-            if cached is None:
-                fid.save_pool_features(feats, cache, extractor)
+                                      return_features=True)
             pools[n] = feats.pool
             m = rep["metrics"]
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})

@@ -327,13 +327,16 @@ def test_paired_with_refuses_sets_that_do_not_pair(data, tmp_path, case):
     assert len(lines) == 1 and "--paired-with" in lines[0] and expect in lines[0], res.output
 
 
-def test_saved_pool_features_are_reused_only_when_pool_features_suffice(data, tmp_path, monkeypatch):
+def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_suffice(data, tmp_path,
+                                                                                       monkeypatch):
     d = data["dir"]
     a = _sample_dir(tmp_path / "a", data["samples"], np.zeros(8, np.int64))
     ext = fid.InceptionFeatures(data["weights"])
+    fid.evaluate(a, d / "ref.npz", ("fid",), extractor=ext, cpu=True)
+    assert not (a / fid.POOL_FEATURES).exists()  # not a `groupdiff sample` folder: nothing written into it
+    (a / "sample_config.json").write_text("{}")
     fresh = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
-    feats = fid.extract_features(fid.open_images(a), ext, batch_size=4)
-    fid.save_pool_features(feats, a / fid.POOL_FEATURES, ext)
+    assert fid.load_pool_features(a / fid.POOL_FEATURES, fid.open_images(a), ext) is not None
     calls = []
     real = fid.extract_features
     monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
