@@ -103,7 +103,8 @@ for r in l_rand f_sim; do for n in N1 N4; do cp -al study4k/$r/$n paired4k/$r/$n
 groupdiff study --ckpt runs/l_sim/$CK4 --out paired4k/l_sim --group-sizes 1,2,4,8,16 "${S4[@]}"
 groupdiff study --ckpt runs/l_rand/$CK4 --out paired4k/l_rand --group-sizes 1,4 "${S4[@]}"
 groupdiff study --ckpt runs/f_sim/$CK4 --out paired4k/f_sim --group-sizes 1,4 "${S4[@]}"
-python "$HERE/../bench/reproduction_plot.py" --study paired4k --step 4000 --suffix _paired_4000 --out .  # reproduction_fid_diff_paired_4000.png
+# the third figure, reproduction_fid_diff_4000.png (its other two outputs are the same as study4k's)
+python "$HERE/../bench/reproduction_plot.py" --study paired4k --names l_sim,l_rand,f_sim --step 4000 --suffix _4000 --out paired4k
 
 # ---- session 7: a small real image set, scikit-learn's handwritten digits ----
 # 1,797 images of 8x8 pixels, 10 classes, enlarged 4x to 32x32 (one /4 patch = one pixel);

@@ -646,12 +646,9 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
     ``inception_weights`` is not read). With ``return_features`` the result is
     ``(report, features)``. A `groupdiff sample` folder keeps its pool features
-    (``POOL_FEATURES``); when only pool features are needed (FID, precision/recall,
-    KID), they are reused if they match its pixels and the network.
-
+    (``POOL_FEATURES``), reused when only pool features are needed (FID, P/R, KID).
     ``paired_with``: a second sample set whose image i came from the same seed and label;
-    adds FID(samples) - FID(paired_with) with a paired bootstrap interval (needs
-    ``bootstrap``; ``bootstrap_block`` must hold whole groups of both sets).
+    adds FID(samples) - FID(paired_with) with a paired bootstrap interval.
 
     With ``explicit_metrics=False`` (the default metric set) a metric the reference
     cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
@@ -672,11 +669,7 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         raise FileNotFoundError(f"{ref_path}: no such file or folder")
     if save_ref_stats and is_stats_file(ref_path):
         raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
-    if bootstrap and len(images) % bootstrap_block:  # said before any network runs
-        raise ValueError(f"--bootstrap-block {bootstrap_block} does not divide the {len(images)} samples")
-    if paired_with is not None and ("fid" not in metrics or bootstrap < 2):
-        raise ValueError("--paired-with: needs FID among the metrics and --bootstrap (at least 2 resamples)")
-    other_images = None if paired_with is None else _pairable_images(paired_with, samples, len(images))
+    other_images = _checked_resampling(samples, len(images), metrics, bootstrap, bootstrap_block, paired_with)
 
     extractor = extractor or InceptionFeatures(inception_weights)
     read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
@@ -723,9 +716,16 @@ def _features(path, images, pool_only: bool, desc: str, read: dict) -> Features:
     return feats
 
 
-def _pairable_images(path, samples, count: int):
-    """The images of the ``--paired-with`` set, once it is clear that they can pair with
-    SAMPLES image by image (before any network runs)."""
+def _checked_resampling(samples, count: int, metrics, bootstrap: int, block: int, path):
+    """Check the bootstrap options and return the images of the ``--paired-with`` set
+    ``path`` (None without one), once it is clear that they pair with SAMPLES image by
+    image: all before any network runs."""
+    if bootstrap and count % block:
+        raise ValueError(f"--bootstrap-block {block} does not divide the {count} samples")
+    if path is None:
+        return None
+    if "fid" not in metrics or bootstrap < 2:
+        raise ValueError("--paired-with: needs FID among the metrics and --bootstrap (at least 2 resamples)")
     images = open_images(path)
     if len(images) != count:
         raise ValueError(f"--paired-with {path}: {len(images)} images, SAMPLES has {count}; a pair needs the same "
