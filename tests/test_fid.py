@@ -287,11 +287,13 @@ def test_paired_with_reports_the_difference_of_the_two_fids_with_a_paired_interv
     a = _sample_dir(tmp_path / "a", data["samples"], labels)
     nudged = np.clip(data["samples"].astype(int) + rng.integers(-20, 21, data["samples"].shape), 0, 255)
     b = _sample_dir(tmp_path / "b", nudged.astype(np.uint8), labels)  # the same "seeds", a little changed
-    common = ["--inception-weights", data["weights"], "--metrics", "fid", "--bootstrap", "20",
+    # few resamples: each is a Frechet distance at 2,048 dims (about a second here)
+    common = ["--inception-weights", data["weights"], "--metrics", "fid", "--bootstrap", "4",
               "--bootstrap-block", "2"]
     fids = {}
     for name in ("a", "b"):
-        res = run_fid(tmp_path / name, d / "ref.npz", *common, "--json", tmp_path / f"{name}.json")
+        res = run_fid(tmp_path / name, d / "ref.npz", "--inception-weights", data["weights"], "--metrics", "fid",
+                      "--json", tmp_path / f"{name}.json")
         assert res.exit_code == 0, res.output
         fids[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["fid"]
     res = run_fid(a, d / "ref.npz", *common, "--paired-with", b, "--json", tmp_path / "p.json")
@@ -300,7 +302,7 @@ def test_paired_with_reports_the_difference_of_the_two_fids_with_a_paired_interv
     p = report["metrics"]["fid_paired"]
     assert p["other_fid"] == pytest.approx(fids["b"], rel=1e-6)
     assert p["difference"] == pytest.approx(fids["a"] - fids["b"], rel=1e-6)
-    assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["block"] == 2 and p["rounds"] == 20
+    assert p["ci95"][0] <= p["difference"] <= p["ci95"][1] and p["block"] == 2 and p["rounds"] == 4
     assert report["paired_with"]["count"] == 8 and "FID - FID(--paired-with)" in res.output
     # a set paired with itself: zero, with a zero-width interval
     res = run_fid(a, d / "ref.npz", *common, "--paired-with", a, "--json", tmp_path / "s.json")
@@ -313,7 +315,7 @@ def test_paired_with_refuses_sets_that_do_not_pair(data, tmp_path, case):
     d = data["dir"]
     labels = np.repeat(np.arange(4), 2)
     a = _sample_dir(tmp_path / "a", data["samples"], labels)
-    extra = ["--bootstrap", "10"]
+    extra = ["--bootstrap", "2"]
     if case == "labels":
         other, expect = _sample_dir(tmp_path / "b", data["samples"], labels[::-1].copy()), "labels.npy differs"
     elif case == "count":
