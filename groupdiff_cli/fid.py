@@ -511,11 +511,13 @@ def _bias_corrected_interval(values: np.ndarray, estimate: float, block: int) ->
 
 
 def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0,
-                  estimate: float | None = None) -> dict:
+                  estimate: float | None = None, values: np.ndarray | None = None) -> dict:
     """A bias-corrected bootstrap interval for the FID of ``pool`` (see
     ``resampled_fids`` and ``_bias_corrected_interval``). Returns the interval, the bias,
-    the standard deviation and the uncorrected percentiles."""
-    values = resampled_fids(pool, fd, rounds, block, seed)
+    the standard deviation and the uncorrected percentiles. ``values``: the resamples,
+    when already computed."""
+    if values is None:
+        values = resampled_fids(pool, fd, rounds, block, seed)
     if estimate is None:
         estimate = fd(*gaussian_stats(pool))
     return _bias_corrected_interval(values, estimate, block)
@@ -797,7 +799,8 @@ def _metrics(chosen, feats, ref, bootstrap: int, bootstrap_block: int, seed: int
         results["fid"] = fd(*gaussian_stats(feats.pool))
         if bootstrap:  # one set of resamples for the interval and the paired difference
             values = resampled_fids(feats.pool, fd, bootstrap, bootstrap_block, seed)
-            results["fid_bootstrap"] = _bias_corrected_interval(values, results["fid"], bootstrap_block)
+            results["fid_bootstrap"] = bootstrap_fid(feats.pool, fd, bootstrap, bootstrap_block, seed,
+                                                     estimate=results["fid"], values=values)
             if other is not None:
                 other_fid = fd(*gaussian_stats(other.pool))
                 results["fid_paired"] = dict(
