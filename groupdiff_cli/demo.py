@@ -132,6 +132,9 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "shapes-sit-mi4-l4
 # Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 32 images per
 # class (256). FIDs of 128 samples against 256 images are coarse: compare the two sides only.
 REF_PER_CLASS = 32
+# ... and their pool features under the offline TF Inception (the default), shipped so that
+# the demo skips that Inception pass (~40 s); recomputed when the images or network differ
+REFERENCE_FEATURES = Path(__file__).resolve().parent / "pretrained" / "shapes-fid-reference" / "pool_features.npz"
 CHAIN = dict(per_class=25, batch=16)  # the small from-scratch chain: 200 images, batch 16
 
 
@@ -229,6 +232,10 @@ def _fids(out: Path, shapes: Path, where: Path, results: dict, inception_weights
     # the reference's features, extracted once per set of Inception weights
     stats = out / f"shapes_inception_stats_{REF_PER_CLASS}_{extractor.weights['sha256'][:12]}.npz"
     ref_images = _reference_npz(shapes, out / f"reference_{REF_PER_CLASS}.npz", REF_PER_CLASS)
+    if not stats.exists():
+        shipped = fid.load_pool_features(REFERENCE_FEATURES, fid.open_images(ref_images), extractor)
+        if shipped is not None:
+            fid.save_reference(fid.reference_from_features(str(ref_images), shipped), stats)
     fids = {}
     for n in results:
         ref = stats if stats.exists() else ref_images
@@ -265,8 +272,9 @@ def run_demo(out, *, from_scratch: int | None = None, per_class: int = 400, samp
     say(f"encoded: {chain / 'data'}")
     small_run = _train(chain / "data", chain / "runs", chain_steps, CHAIN["batch"], 8 * min(per_class, CHAIN["per_class"]))
     say(f"trained {DEMO_MODEL} (GroupDiff-l, groups of 4) for {chain_steps} steps from scratch: {small_run}")
-    _sample(small_run, chain / "samples", group_size, [0], sample_steps)
-    say(f"sampled a group of {group_size} from it: {chain / 'samples'}")
+    chain_samples = chain / "samples" / f"N{group_size}"
+    _sample(small_run, chain_samples, group_size, [0], sample_steps)
+    say(f"sampled a group of {group_size} from it: {chain_samples}")
 
     if from_scratch:
         _encode(shapes, out / "data", log)

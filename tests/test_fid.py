@@ -61,6 +61,20 @@ def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square_norm():
     assert fid.frechet_distance(*fid.gaussian_stats(feats + shift), mu, sigma) == pytest.approx(shift @ shift, rel=1e-7)
 
 
+
+@pytest.mark.parametrize("n", [2, 10, 64, 200])
+def test_fid_of_features_equals_the_fid_of_their_statistics(n):
+    """Fewer samples than dimensions go through the n x n Gram matrix; the number is the
+    same (to 1e-7: the d x d route adds the square roots of its zero eigenvalues' rounding noise)."""
+    rng = np.random.default_rng(n)
+    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64))))
+    feats = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) + 0.5
+    assert fd.of_features(feats) == pytest.approx(fd(*fid.gaussian_stats(feats)), rel=1e-7)
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        fd.of_features(feats[:, :32])
+    with pytest.raises(fid.InputError, match="not finite"):
+        fd.of_features(np.where(np.eye(n, 64) > 0, np.nan, feats))
+
 def test_inception_score_uses_consecutive_splits_without_shuffling():
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(100, 7)) * 3
