@@ -134,3 +134,20 @@ P=(ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 4 --cpu)
 for s in l_rand/N1 l_rand/N4 f_sim/N1 f_sim/N4; do
   groupdiff fid paired4k/$s "${P[@]}" --paired-with paired4k/base/N1
 done
+
+# ---- session 9: every run at every N, in one label order (image i: seed i, class (i // 16) mod 8) ----
+# l_sim's session-7 study already uses this order; l_rand and f_sim are studied again in it (their
+# session-8 folders used (i // 4) mod 8), and the baseline is sampled once in it, so that every run
+# at every N pairs with every other (`fid --paired-with`).
+mkdir -p paired16
+cp -al paired4k/l_sim paired16/l_sim
+groupdiff study --ckpt runs/l_rand/$CK4 --out paired16/l_rand --group-sizes 1,2,4,8,16 "${S4[@]}"
+groupdiff sample --ckpt runs/base/$CK4 --out paired16/base/N1 --group-size 1 --num-samples 2048 --align-labels 16 \
+    --cfg-scale 1.5 --sampler heun --steps 10 --batch-size 256 --cpu
+groupdiff fid paired16/base/N1 ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 16 --cpu
+groupdiff study --ckpt runs/f_sim/$CK4 --out paired16/f_sim --group-sizes 1,2,4,8,16 "${S4[@]}"
+P16=(ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 16 --cpu)
+for r in l_sim l_rand f_sim; do for n in 1 2 4 8 16; do
+  groupdiff fid paired16/$r/N$n "${P16[@]}" --paired-with paired16/base/N1 --json paired16/cross_${r}_N$n.json
+done; done
+python "$HERE/../bench/reproduction_plot.py" --study paired16 --names l_sim,l_rand,f_sim --step 4000 --suffix _4000_all --out paired16
