@@ -198,7 +198,7 @@ class InceptionEmbedder:
         if size < self.MIN_SIZE:
             raise ValueError(f"--embedder-size {size}: the Inception embedder needs at least {self.MIN_SIZE}")
         try:
-            self.net = InceptionFeatures(weights).to(device)
+            self.net = InceptionFeatures(weights).to_device(device)
         except ValueError as e:  # its messages name --inception-weights
             raise ValueError(str(e).replace("--inception-weights", "--embedder-weights")) from None
         self.net.net.INPUT_IMAGE_SIZE = size  # torch-fidelity resizes to this (a class constant, 299)

@@ -285,6 +285,14 @@ class InceptionFeatures(torch.nn.Module):
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
+    def to_device(self, device) -> "InceptionFeatures":
+        """Move to ``device``; on a CPU also to channels-last weights, with which oneDNN
+        runs the convolutions ~1.8x faster (pool features equal to ~1e-5)."""
+        self.to(device)
+        if torch.device(device).type == "cpu":
+            self.net.to(memory_format=torch.channels_last)
+        return self
+
     def _keep_spatial(self, module, inputs, output):
         self._spatial = output
 
@@ -339,7 +347,7 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
     part = torch.utils.data.Subset(images, range(start, start + counts[state.process_index]))
     loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=state.device.type == "cuda")
-    extractor = extractor.to(state.device).eval()
+    extractor = extractor.to_device(state.device).eval()
     out = {POOL: [], LOGITS: [], SPATIAL: [], "digest": []}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not state.is_main_process, leave=False)
     with torch.inference_mode():

@@ -194,6 +194,10 @@ def test_offline_tf_inception_equals_the_torchscript_it_was_converted_from():
         spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(2, -1)
     torch.testing.assert_close(got["pool"], pool, rtol=1e-5, atol=1e-5 * float(pool.abs().max()))
     torch.testing.assert_close(got["spatial"], spatial, rtol=1e-5, atol=1e-5 * float(spatial.abs().max()))
+    with torch.no_grad():  # as extract_features runs it on a CPU: channels-last weights
+        fast = ours.to_device("cpu")(x)
+    torch.testing.assert_close(fast["pool"], pool, rtol=1e-5, atol=1e-5 * float(pool.abs().max()))
+    torch.testing.assert_close(fast["spatial"], spatial, rtol=1e-5, atol=1e-5 * float(spatial.abs().max()))
 
 
 # ----------------------------------------------------------------------------- real Inception, random weights
