@@ -129,7 +129,7 @@ DEMO_RECIPE = "shapes-l4"  # the training recipe of the shipped weights and --fr
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
 # the demo's weights, trained by the command in their README (bench/REPRODUCTION.md: run l_sim)
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "shapes-sit-mi4-l4"
-# Inception runs ~8 images/s on 2 CPU cores: the demo's FID reference is 32 images per
+# Inception runs ~10 images/s on 2 CPU cores: the demo's FID reference is 32 images per
 # class (256). FIDs of 128 samples against 256 images are coarse: compare the two sides only.
 REF_PER_CLASS = 32
 # ... and their pool features under the offline TF Inception (the default), shipped so that
