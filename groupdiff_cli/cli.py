@@ -520,7 +520,7 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size
     """A group of 16 (--group-size) of every class next to the same seeds sampled one
     by one, from weights shipped with the package, with the FID of each side
     (groups_vs_single.png); and the real chain from scratch at a small size (encode ->
-    a few hundred training steps -> sampling). About 3 minutes on 2 CPU cores."""
+    a few hundred training steps -> sampling). About 2 minutes on 2 CPU cores."""
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, from_scratch=from_scratch, chain_steps=chain_steps, per_class=per_class,
