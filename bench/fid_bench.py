@@ -8,6 +8,13 @@ every image. Runs alternate so that machine noise hits both alike.
 
 Target (issue 6): ours >= 0.95x torch-fidelity's images/s.
 Weights are random (nothing can be downloaded here); speed does not depend on them.
+
+    python bench/fid_bench.py --frechet [--repeats 3]
+
+The FID of a feature set against a fixed reference (what every bootstrap resample
+costs): `FrechetDistance.of_features` (the n x n route when n <= d) against the d x d
+covariance route, for n = 128, 1,024 and 2,048 random 2,048-d features; both answers
+are printed, they agree to ~1e-7 relative.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from groupdiff_cli.fid import InceptionFeatures, NpzImages, extract_features
+from groupdiff_cli.fid import FrechetDistance, InceptionFeatures, NpzImages, extract_features, gaussian_stats
 from groupdiff_cli.testing import write_random_inception_weights
 from timing import median_seconds, print_rates
 
@@ -29,7 +36,10 @@ def main():
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--frechet", action="store_true", help="time the Frechet distance instead")
     args = ap.parse_args()
+    if args.frechet:
+        return frechet(args.repeats)
 
     import torch_fidelity
 
@@ -53,6 +63,21 @@ def main():
     print(f"torch {torch.__version__}, torch-fidelity {torch_fidelity.__version__}, {torch.get_num_threads()} threads, "
           f"{args.images} images 256px, batch {args.batch_size}, median of {args.repeats}")
     print_rates(seconds, args.images, "ours", "torch-fidelity")
+
+
+def frechet(repeats: int, d: int = 2048) -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4096, d)) @ rng.standard_normal((d, d)) / d**0.5
+    fd = FrechetDistance(*gaussian_stats(ref))
+    print(f"numpy {np.__version__}, d = {d}, median of {repeats}")
+    for n in (128, 1024, 2048):
+        x = ref[:n] + 0.1 * rng.standard_normal((n, d))
+        got = {}
+        fns = {"n x n": lambda: got.setdefault("n x n", fd.of_features(x)),
+               "d x d": lambda: got.setdefault("d x d", fd(*gaussian_stats(x)))}
+        sec = median_seconds(fns, repeats)
+        print(f"n = {n:5d}: n x n {sec['n x n']:.3f} s, d x d {sec['d x d']:.3f} s, "
+              f"{sec['d x d'] / sec['n x n']:.2f}x; FID {got['n x n']:.6f} vs {got['d x d']:.6f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ bootstrap interval, precision/recall, S_cross, merged with any further studies o
 run in STUDY_DIR/NAME_*/, e.g. one per extra group size) and, when present, a second study
 of the same run that measured S_cross only (--scross), plus the run's held-out loss
 (eval.jsonl at --step). Where the studies have paired differences (fid_diff: FID(N) -
-FID(1) from the same seeds), a third figure shows them with their paired intervals.
+FID(1) from the same seeds), a third figure shows them with their paired intervals. Where
+`fid --paired-with` wrote each run's difference from the baseline one by one
+(STUDY_DIR/cross_NAME_N<n>.json, as bench/gpu_study.sh does), those are printed too.
 
     python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
         --out bench/ [--names base,l_sim,l_rand,f_sim] [--step 1000] [--suffix _4000]
@@ -127,6 +129,15 @@ def main():
     print("\nS_cross (%) per N:")
     for name, sc in scross.items():
         print(f"  {name}: " + ", ".join(f"N={n}: {v:.2f}" for n, v in sc.items()))
+    cross = {name: sorted(args.study.glob(f"cross_{name}_N*.json"), key=lambda p: int(p.stem.rsplit("_N", 1)[1]))
+             for name in names}
+    if any(cross.values()):  # `fid --paired-with BASELINE/N1 --json study/cross_RUN_N<n>.json`
+        print("\nFID(run, N) - FID(baseline, N = 1), paired 95% interval:")
+        for name, paths in cross.items():
+            rows = [(p.stem.rsplit("_N", 1)[1], json.loads(p.read_text())["metrics"]["fid_paired"]) for p in paths]
+            if rows:
+                print(f"  {name}: " + ", ".join(f"N={n}: {r['difference']:+.2f} [{r['ci95'][0]:+.2f}, "
+                                                f"{r['ci95'][1]:+.2f}]" for n, r in rows))
     if args.runs:
         print(f"\nheld-out null-branch loss at t = 0.5, step {args.step} (N: loss):")
         for name in names:

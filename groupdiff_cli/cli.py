@@ -536,6 +536,10 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size
 @click.option("--group-sizes", default="1,2,4,8,16", show_default=True, metavar="N,N,...")
 @click.option("--num-samples", default=1024, show_default=True, type=click.IntRange(1),
               help="Images per group size (50000 for the paper's protocol).")
+@click.option("--align-labels", type=click.IntRange(1), default=None, metavar="M",
+              help="Image i gets seed i and class (i // M) mod classes at every group size (each must divide "
+                   "M). Studies of other runs with the same M, or `sample --align-labels M`, then pair image by "
+                   "image (`fid --paired-with`).  [default: the largest of --group-sizes]")
 @click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True)
 @click.option("--sampler", cls=SamplerOption, default=None)
 @click.option("--steps", type=click.IntRange(1), default=None)
@@ -550,8 +554,8 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--cpu", is_flag=True)
-def study(ckpt, ref, out_dir, group_sizes, num_samples, cfg_scale, sampler, steps, bootstrap, attention_groups,
-          inception_weights, eval_data, seed, batch_size, cpu):
+def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale, sampler, steps, bootstrap,
+          attention_groups, inception_weights, eval_data, seed, batch_size, cpu):
     """The group-size study: for one checkpoint, sample at each group size with identical
     seeds and labels, then FID (bias-corrected bootstrap interval over whole groups),
     FID(N) - FID(smallest N) with a paired bootstrap interval (the same resampled
@@ -564,7 +568,7 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, cfg_scale, sampler, step
     rows = run_study(ckpt, ref, out_dir, _int_list(group_sizes, "--group-sizes"), num_samples,
                      cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                      bootstrap=bootstrap, attention_groups=attention_groups, inception_weights=inception_weights,
-                     cpu=cpu, eval_data=eval_data, log=lambda m: click.echo(m, err=True))
+                     cpu=cpu, eval_data=eval_data, align_labels=align_labels, log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(rows)} group sizes: {Path(out_dir) / 'study.csv'}, {Path(out_dir) / 'study.png'}")
 
 

@@ -23,22 +23,28 @@ from groupdiff_cli.defaults import CFG_SCALE
 
 def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
-              inception_weights=None, vae=None, cpu=False, eval_data=None, log=print) -> list[dict]:
+              inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
+              log=print) -> list[dict]:
     from groupdiff_cli import attention, fid
     from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    biggest = max(group_sizes)
-    if num_samples % biggest:
-        raise ValueError(f"--num-samples {num_samples} is not a multiple of the largest group size {biggest}")
+    # image i: seed i and class (i // block) mod classes at every N; the same block in
+    # another run's study (or `sample --align-labels`) pairs its images with these
+    block = align_labels or max(group_sizes)
+    if align_labels and any(block % n for n in group_sizes):
+        raise ValueError(f"--align-labels {block}: every group size must divide it (--group-sizes {group_sizes})")
+    if num_samples % block:
+        what = "--align-labels" if align_labels else "the largest group size"
+        raise ValueError(f"--num-samples {num_samples} is not a multiple of {what} {block}")
     rows, pools = [], {}
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
     for n in group_sizes:
         job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, warn=log)
-        job.labels = aligned_labels(num_samples, n, biggest, model.num_classes)
+        job.labels = aligned_labels(num_samples, n, block, model.num_classes)
         run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if ref is not None:

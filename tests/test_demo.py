@@ -150,3 +150,13 @@ def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
     again = list(csv.DictReader(open(tmp_path / "s" / "study.csv")))
     assert [r["fid"] for r in again] == [r["fid"] for r in rows]
     assert [r["fid_diff"] for r in again] == [r["fid_diff"] for r in rows]
+    # --align-labels: a study of N = 1 alone in the label order of the one above (block 4, its largest N)
+    # draws the same images, so it pairs image by image with it (as a baseline's study does with a run's)
+    res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--out", str(tmp_path / "b"), "--group-sizes", "1",
+                                    "--num-samples", "8", "--align-labels", "4", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s" / "N1" / "samples.npz") as a, np.load(tmp_path / "b" / "N1" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--out", str(tmp_path / "c"), "--group-sizes", "1,8",
+                                    "--num-samples", "8", "--align-labels", "4"])
+    assert res.exit_code == 2 and "--align-labels 4: every group size must divide it" in res.output
