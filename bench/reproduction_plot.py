@@ -7,7 +7,7 @@ of the same run that measured S_cross only (--scross), plus the run's held-out l
 (eval.jsonl at --step). Where the studies have paired differences (fid_diff: FID(N) -
 FID(1) from the same seeds), a third figure shows them with their paired intervals. Where
 `fid --paired-with` wrote each run's difference from the baseline one by one
-(STUDY_DIR/cross_NAME_N<n>.json, as bench/gpu_study.sh does), those are printed too.
+(STUDY_DIR/cross_NAME_N<n>.json, as bench/gpu_study.sh does), a fourth figure shows them.
 
     python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
         --out bench/ [--names base,l_sim,l_rand,f_sim] [--step 1000] [--suffix _4000]
@@ -133,11 +133,20 @@ def main():
              for name in names}
     if any(cross.values()):  # `fid --paired-with BASELINE/N1 --json study/cross_RUN_N<n>.json`
         print("\nFID(run, N) - FID(baseline, N = 1), paired 95% interval:")
-        for name, paths in cross.items():
-            rows = [(p.stem.rsplit("_N", 1)[1], json.loads(p.read_text())["metrics"]["fid_paired"]) for p in paths]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.axhline(0, color="k", linewidth=0.8)
+        for i, (name, paths) in enumerate(cross.items()):
+            rows = [(int(p.stem.rsplit("_N", 1)[1]), json.loads(p.read_text())["metrics"]["fid_paired"]) for p in paths]
             if rows:
                 print(f"  {name}: " + ", ".join(f"N={n}: {r['difference']:+.2f} [{r['ci95'][0]:+.2f}, "
                                                 f"{r['ci95'][1]:+.2f}]" for n, r in rows))
+                d = [r["difference"] for _, r in rows]
+                ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n, _ in rows], d, marker="o", capsize=3, color=f"C{i}",
+                            yerr=[[v - r["ci95"][0] for v, (_, r) in zip(d, rows)],
+                                  [r["ci95"][1] - v for v, (_, r) in zip(d, rows)]], label=LABELS.get(name, name))
+        ax.set_title(f"step {args.step:,}; baseline sampled one by one", fontsize=9)
+        save_figure(fig, ax, [1, 2, 4, 8, 16], "FID(run, N) - FID(baseline, N=1) (bars: paired 95%)",
+                    args.out / f"reproduction_fid_vs_base{args.suffix}.png")
     if args.runs:
         print(f"\nheld-out null-branch loss at t = 0.5, step {args.step} (N: loss):")
         for name in names:

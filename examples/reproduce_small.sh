@@ -145,11 +145,11 @@ groupdiff study --ckpt runs/l_rand/$CK4 --out paired16/l_rand --group-sizes 1,2,
 groupdiff sample --ckpt runs/base/$CK4 --out paired16/base/N1 --group-size 1 --num-samples 2048 --align-labels 16 \
     --cfg-scale 1.5 --sampler heun --steps 10 --batch-size 256 --cpu
 groupdiff fid paired16/base/N1 ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 16 --cpu
-groupdiff study --ckpt runs/f_sim/$CK4 --out paired16/f_sim --group-sizes 1,2,4,8,16 "${S4[@]}"  # unfinished in session 9
+groupdiff study --ckpt runs/f_sim/$CK4 --out paired16/f_sim --group-sizes 1,2,4,8,16 "${S4[@]}"  # finished in session 10
 P16=(ref_stats.npz --metrics fid --bootstrap 50 --bootstrap-block 16 --cpu)
 for r in l_sim l_rand f_sim; do for n in 1 2 4 8 16; do
   groupdiff fid paired16/$r/N$n "${P16[@]}" --paired-with paired16/base/N1 --json paired16/cross_${r}_N$n.json
 done; done
 # the figures reproduction_*_4000_all.png (the baseline's point: its session-6 study, another label order)
 ln -s ../study4k/base paired16/base_s6
-python "$HERE/../bench/reproduction_plot.py" --study paired16 --names base,l_sim,l_rand --step 4000 --suffix _4000_all --out .
+python "$HERE/../bench/reproduction_plot.py" --study paired16 --names base,l_sim,l_rand,f_sim --step 4000 --suffix _4000_all --out .
