@@ -29,15 +29,16 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # image i: seed i and class (i // block) mod classes at every N; the same block in
     # another run's study (or `sample --align-labels`) pairs its images with these
     block = align_labels or max(group_sizes)
     if align_labels and any(block % n for n in group_sizes):
-        raise ValueError(f"--align-labels {block}: every group size must divide it (--group-sizes {group_sizes})")
+        raise ValueError(f"--align-labels {block}: every group size must divide it "
+                         f"(--group-sizes {','.join(map(str, group_sizes))})")
     if num_samples % block:
         what = "--align-labels" if align_labels else "the largest group size"
         raise ValueError(f"--num-samples {num_samples} is not a multiple of {what} {block}")
+    out.mkdir(parents=True, exist_ok=True)
     rows, pools = [], {}
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once

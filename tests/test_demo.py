@@ -160,3 +160,4 @@ def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--out", str(tmp_path / "c"), "--group-sizes", "1,8",
                                     "--num-samples", "8", "--align-labels", "4"])
     assert res.exit_code == 2 and "--align-labels 4: every group size must divide it" in res.output
+    assert not (tmp_path / "c").exists()  # refused before anything is written
