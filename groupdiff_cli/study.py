@@ -21,16 +21,10 @@ import numpy as np
 from groupdiff_cli.defaults import CFG_SCALE
 
 
-def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
-              sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
-              inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
-              log=print) -> list[dict]:
-    from groupdiff_cli import attention, fid
-    from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
-
-    out = Path(out_dir)
-    # image i: seed i and class (i // block) mod classes at every N; the same block in
-    # another run's study (or `sample --align-labels`) pairs its images with these
+def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:
+    """The block M of the study's label order: image i gets seed i and class (i // M) mod
+    classes at every N, so another run's study (or `sample --align-labels`) with the same
+    M pairs image by image with this one. Default: the largest group size."""
     block = align_labels or max(group_sizes)
     if align_labels and any(block % n for n in group_sizes):
         raise ValueError(f"--align-labels {block}: every group size must divide it "
@@ -38,6 +32,18 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     if num_samples % block:
         what = "--align-labels" if align_labels else "the largest group size"
         raise ValueError(f"--num-samples {num_samples} is not a multiple of {what} {block}")
+    return block
+
+
+def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
+              sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
+              inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
+              log=print) -> list[dict]:
+    from groupdiff_cli import attention, fid
+    from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
+
+    block = label_block(group_sizes, num_samples, align_labels)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, pools = [], {}
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
