@@ -52,8 +52,9 @@ PY
 [[ -f ref_stats.npz ]] || gd fid shapes_train --save-ref-stats ref_stats.npz "${INC[@]}" "${DEV[@]}"
 stage data
 
+# grouping windows of at most 4,000 images: 2 x 4,000 x ~13 kB of /dev/shm per run, four runs at once
 COMMON=(--data data_train --model "$MODEL" --results-dir runs --group-size 4 --global-batch-size "$BATCH"
-        --group-buffer $((8 * PER_CLASS)) --lr "$LR" --ema-decay 0.999 --ckpt-every 500 --keep-every 1000
+        --group-buffer $((8 * PER_CLASS < 4000 ? 8 * PER_CLASS : 4000)) --lr "$LR" --ema-decay 0.999 --ckpt-every 500 --keep-every 1000
         --log-every 100 --max-steps "$STEPS" "${DEV[@]}")
 [[ ${SMOKE:-0} == 1 ]] && COMMON+=(--ckpt-every 2)
 train() {  # RUN OPTIONS...: in the background, resuming from the run's latest checkpoint if it has one
