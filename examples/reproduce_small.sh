@@ -153,3 +153,13 @@ done; done
 # the figures reproduction_*_4000_all.png (the baseline's point: its session-6 study, another label order)
 ln -s ../study4k/base paired16/base_s6
 python "$HERE/../bench/reproduction_plot.py" --study paired16 --names base,l_sim,l_rand,f_sim --step 4000 --suffix _4000_all --out .
+
+# ---- session 10: why joint sampling hurts GroupDiff-f (N = 4, paired with f_sim one by one) ----
+C=(--ckpt runs/f_sim/$CK4 --num-samples 2048 --align-labels 16 --sampler heun --steps 10 --batch-size 256 --cpu)
+groupdiff sample "${C[@]}" --out fdiag/N4_cond1 --group-size 4 --cond-group-size 1 --cfg-scale 1.5
+groupdiff sample "${C[@]}" --out fdiag/N4_uncond1 --group-size 4 --uncond-group-size 1 --cfg-scale 1.5
+for d in N4_cond1 N4_uncond1; do groupdiff fid fdiag/$d "${P16[@]}" --paired-with paired16/f_sim/N1; done
+groupdiff sample "${C[@]}" --out fdiag/N1_cfg1 --group-size 1 --cfg-scale 1.0
+groupdiff sample "${C[@]}" --out fdiag/N4_cfg1 --group-size 4 --cfg-scale 1.0
+groupdiff fid fdiag/N1_cfg1 "${P16[@]}"
+groupdiff fid fdiag/N4_cfg1 "${P16[@]}" --paired-with fdiag/N1_cfg1
