@@ -57,6 +57,25 @@ def save_figure(fig, ax, sizes: list[int], ylabel: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_differences(pts: dict, header: str, title: str, sizes: list[int], ylabel: str, path: Path) -> None:
+    """Paired differences per run, {name: [(N, value, lo, hi), ...]}: printed, and drawn
+    with their intervals (run i in colour i, as in the FID figure)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(0, color="k", linewidth=0.8)
+    print(header)
+    for i, (name, rows) in enumerate(pts.items()):
+        if rows:
+            ns, d, lo, hi = zip(*rows)
+            ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], d,
+                        yerr=[[a - b for a, b in zip(d, lo)], [b - a for a, b in zip(d, hi)]],
+                        marker="o", capsize=3, color=f"C{i}", label=LABELS.get(name, name))
+            print(f"  {name}: " + ", ".join(f"N={n}: {v:+.2f} [{a:+.2f}, {b:+.2f}]" for n, v, a, b in rows))
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, ax, sizes, ylabel, path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", required=True, type=Path)
@@ -111,42 +130,24 @@ def main():
     save_figure(fig, ax, [2, 4, 8, 16], "S_cross (%)", args.out / f"reproduction_scross{args.suffix}.png")
 
     if any(paired.values()):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.axhline(0, color="k", linewidth=0.8)
-        print("\nFID(N) - FID(1), paired 95% interval:")
-        for i, (name, pts) in enumerate(paired.items()):
-            if pts:
-                ns, d, lo, hi = zip(*pts)
-                ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n in ns], d,
-                            yerr=[[a - b for a, b in zip(d, lo)], [b - a for a, b in zip(d, hi)]],
-                            marker="o", capsize=3, color=f"C{i}", label=LABELS.get(name, name))
-                print(f"  {name}: " + ", ".join(f"N={n}: {v:+.2f} [{a:+.2f}, {b:+.2f}]" for n, v, a, b in pts))
-        ax.set_title(f"step {args.step:,}", fontsize=9)
-        save_figure(fig, ax, [2, 4, 8, 16], "FID(N) - FID(1) (bars: paired 95% bootstrap)",
-                    args.out / f"reproduction_fid_diff{args.suffix}.png")
+        plot_differences(paired, "\nFID(N) - FID(1), paired 95% interval:", f"step {args.step:,}", [2, 4, 8, 16],
+                         "FID(N) - FID(1) (bars: paired 95% bootstrap)",
+                         args.out / f"reproduction_fid_diff{args.suffix}.png")
 
     print("\n".join(lines))
     print("\nS_cross (%) per N:")
     for name, sc in scross.items():
         print(f"  {name}: " + ", ".join(f"N={n}: {v:.2f}" for n, v in sc.items()))
-    cross = {name: sorted(args.study.glob(f"cross_{name}_N*.json"), key=lambda p: int(p.stem.rsplit("_N", 1)[1]))
-             for name in names}
-    if any(cross.values()):  # `fid --paired-with BASELINE/N1 --json study/cross_RUN_N<n>.json`
-        print("\nFID(run, N) - FID(baseline, N = 1), paired 95% interval:")
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.axhline(0, color="k", linewidth=0.8)
-        for i, (name, paths) in enumerate(cross.items()):
-            rows = [(int(p.stem.rsplit("_N", 1)[1]), json.loads(p.read_text())["metrics"]["fid_paired"]) for p in paths]
-            if rows:
-                print(f"  {name}: " + ", ".join(f"N={n}: {r['difference']:+.2f} [{r['ci95'][0]:+.2f}, "
-                                                f"{r['ci95'][1]:+.2f}]" for n, r in rows))
-                d = [r["difference"] for _, r in rows]
-                ax.errorbar([n * (1 + 0.04 * (i - 1.5)) for n, _ in rows], d, marker="o", capsize=3, color=f"C{i}",
-                            yerr=[[v - r["ci95"][0] for v, (_, r) in zip(d, rows)],
-                                  [r["ci95"][1] - v for v, (_, r) in zip(d, rows)]], label=LABELS.get(name, name))
-        ax.set_title(f"step {args.step:,}; baseline sampled one by one", fontsize=9)
-        save_figure(fig, ax, [1, 2, 4, 8, 16], "FID(run, N) - FID(baseline, N=1) (bars: paired 95%)",
-                    args.out / f"reproduction_fid_vs_base{args.suffix}.png")
+    cross = {}  # `fid --paired-with BASELINE/N1 --json study/cross_RUN_N<n>.json`
+    for name in names:
+        rows = [(int(p.stem.rsplit("_N", 1)[1]), json.loads(p.read_text())["metrics"]["fid_paired"])
+                for p in args.study.glob(f"cross_{name}_N*.json")]
+        cross[name] = sorted((n, r["difference"], *r["ci95"]) for n, r in rows)
+    if any(cross.values()):
+        plot_differences(cross, "\nFID(run, N) - FID(baseline, N = 1), paired 95% interval:",
+                         f"step {args.step:,}; baseline sampled one by one", [1, 2, 4, 8, 16],
+                         "FID(run, N) - FID(baseline, N=1) (bars: paired 95%)",
+                         args.out / f"reproduction_fid_vs_base{args.suffix}.png")
     if args.runs:
         print(f"\nheld-out null-branch loss at t = 0.5, step {args.step} (N: loss):")
         for name in names:

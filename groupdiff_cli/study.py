@@ -40,7 +40,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
               log=print) -> list[dict]:
     from groupdiff_cli import attention, fid
-    from groupdiff_cli.sampling import aligned_labels, build_job, run_sampling
+    from groupdiff_cli.sampling import build_job, run_sampling
 
     block = label_block(group_sizes, num_samples, align_labels)
     out = Path(out_dir)
@@ -49,9 +49,8 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
     for n in group_sizes:
-        job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
-                               steps=steps, seed=seed, vae=vae, warn=log)
-        job.labels = aligned_labels(num_samples, n, block, model.num_classes)
+        job, model = build_job(ckpt, group_size=n, num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale,
+                               sampler=sampler, steps=steps, seed=seed, vae=vae, warn=log)
         run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if ref is not None:
