@@ -163,3 +163,17 @@ groupdiff sample "${C[@]}" --out fdiag/N1_cfg1 --group-size 1 --cfg-scale 1.0
 groupdiff sample "${C[@]}" --out fdiag/N4_cfg1 --group-size 4 --cfg-scale 1.0
 groupdiff fid fdiag/N1_cfg1 "${P16[@]}"
 groupdiff fid fdiag/N4_cfg1 "${P16[@]}" --paired-with fdiag/N1_cfg1
+
+# ---- session 11: is the cost of joint sampling for GroupDiff-f in the images or in FID's estimate? ----
+# (session 11 trained f_sim again with the LONG command above, in a fresh folder, and ran:)
+groupdiff study --ckpt runs/f_sim/$CK4 --out st/f_sim --group-sizes 1,4,16 "${S4[@]}" --align-labels 16
+groupdiff sample "${C[@]}" --out st/f_sim_c1/N16 --group-size 16 --cond-group-size 1 --cfg-scale 1.5
+groupdiff fid st/f_sim_c1/N16 "${P16[@]}" --paired-with st/f_sim/N1
+ln -sfn ../f_sim/N1 st/f_sim_c1/N1
+groupdiff study --ckpt "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" --out st/l_sim \
+    --group-sizes 1,16 "${S4[@]}" --align-labels 16
+for s in f_sim f_sim_c1 l_sim; do
+  python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
+done
+python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 data_heldout
+python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" data_heldout
