@@ -177,3 +177,6 @@ for s in f_sim f_sim_c1 l_sim; do
 done
 python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 data_heldout
 python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" data_heldout
+for step in 1000 2000 3000; do  # the pull over training
+  python "$HERE/../bench/group_pull.py" runs/f_sim/checkpoints/step_000$step data_heldout --times 0.5,0.8
+done
