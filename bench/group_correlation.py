@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from torch_fidelity.metric_kid import kernel_poly
 
 from groupdiff_cli import fid
 
@@ -51,17 +52,11 @@ def mate_similarity(pool: np.ndarray, labels: np.ndarray, group: int) -> dict:
                 other_class=float(cos[~same_class].mean()))
 
 
-def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """KID's kernel (torch-fidelity's defaults): (a.b / d + 1)^3."""
-    return (a @ b.T / a.shape[1] + 1) ** 3
-
-
 def kid_pairs(pool: np.ndarray, ref_pool: np.ndarray, block: int) -> dict:
     """Unbiased MMD^2 (x 1000, as KID is usually quoted) over all sample pairs, and over
-    the sample pairs from different blocks only."""
-    kxx = polynomial_kernel(pool, pool)
-    kyy = polynomial_kernel(ref_pool, ref_pool)
-    kxy = polynomial_kernel(pool, ref_pool)
+    the sample pairs from different blocks only; KID's kernel, torch-fidelity's
+    (x.y / d + 1)^3."""
+    kxx, kyy, kxy = kernel_poly(pool, pool), kernel_poly(ref_pool, ref_pool), kernel_poly(pool, ref_pool)
     n, m = len(pool), len(ref_pool)
     idx = np.arange(n)
     other_block = (idx[:, None] // block) != (idx[None] // block)
@@ -118,13 +113,13 @@ def main() -> None:
     report = {}
     for n, _ in runs:
         pool = pools[n]
-        boot = fid.bootstrap_fid(pool, fd, args.bootstrap, args.block)
-        est = fd.of_features(pool)
+        est = counts[n]["fid_at"][len(pool)]  # the full set's FID, computed once
+        boot = fid.bootstrap_fid(pool, fd, args.bootstrap, args.block, estimate=est)
         with np.load(dict(runs)[n] / "samples.npz") as f:
             pixels = pixel_stats(f["arr_0"])
         report[n] = dict(fid=est, bootstrap_bias=boot["bias"], fid_minus_bias=est - boot["bias"],
                          mean_term=float(((pool.mean(0) - ref.mu) ** 2).sum()), **pixels,
-                         trace_cov=float(np.trace(np.cov(pool, rowvar=False))),
+                         trace_cov=float(pool.var(0, ddof=1).sum()),
                          similarity=mate_similarity(pool, labels[n], n if n > 1 else args.block),
                          **kid_pairs(pool, ref.pool.astype(np.float64), args.block), **counts[n])
     print(f"{'N':>3} {'FID':>8} {'boot bias':>9} {'FID-bias':>8} {'FID-inf':>8} {'slope/1e3':>9} "
