@@ -7,6 +7,11 @@ x0-hat one by one (N = 1) and in groups of N. For each N it prints the mean per-
 contrast (pixel standard deviation) of x0-hat and the pull: the least-squares slope of
 x0-hat(N) - x0-hat(1) onto mean-over-the-group(x0-hat(1)) - x0-hat(1). A pull of 0 means
 the group changes nothing; 1 would mean every image is replaced by its group's mean.
+Next to it, the useful pull: the slope of x0 - x0-hat(1) onto the same direction, the
+pull that would bring x0-hat(1) closest to the clean images. Mates that resemble an image
+make it positive; a pull above it moves images towards their mates more than the mates
+warrant. The groups are those of the set's embeddings (similarity groups, as training
+forms them) or, without embeddings, of its classes (as `sample` groups images).
 Under CFG the conditional prediction is added (weight w) and the unconditional one
 subtracted (weight w - 1), so a pull in the conditional branch greys the samples and one
 in the unconditional branch sharpens them.
@@ -30,11 +35,11 @@ def contrast(x: torch.Tensor) -> float:
     return x.flatten(1).std(1).mean().item()
 
 
-def pull(grouped: torch.Tensor, single: torch.Tensor, n: int) -> float:
-    """Slope of (grouped - single) onto (group mean of single - single), groups of n."""
+def pull(target: torch.Tensor, single: torch.Tensor, n: int) -> float:
+    """Slope of (target - single) onto (group mean of single - single), groups of n."""
     mates = single.view(-1, n, *single.shape[1:]).mean(1, keepdim=True).expand(-1, n, *single.shape[1:])
     toward = (mates.reshape(single.shape) - single).flatten(1)
-    moved = (grouped - single).flatten(1)
+    moved = (target - single).flatten(1)
     return ((moved * toward).sum() / (toward * toward).sum()).item()
 
 
@@ -54,9 +59,11 @@ def main() -> None:
     objective = create(of_run(info), model.learn_sigma)
     if objective.name != "flow":
         raise SystemExit("group_pull.py reads x0-hat from a velocity: flow-matching (SiT) checkpoints only")
-    x0, labels = heldout_latents(read_dataset(args.eval_data, "EVAL_DATA"), args.images, max(sizes), seed=args.seed)
+    heldout = read_dataset(args.eval_data, "EVAL_DATA")
+    x0, labels = heldout_latents(heldout, args.images, max(sizes), seed=args.seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
-    print(f"{len(x0)} held-out images, contrast {contrast(x0):.4f} (pixels in [-1, 1])")
+    layout = "class" if heldout.get("embedder") in (None, "none") else "similarity"  # as heldout_latents lays them out
+    print(f"{len(x0)} held-out images in {layout} groups, contrast {contrast(x0):.4f} (pixels in [-1, 1])")
     for t in (float(s) for s in args.times.split(",")):
         xt, t_net = objective.noisy(x0, torch.full((len(x0),), t), noise)
         for branch, y in (("cond", labels), ("null", torch.full_like(labels, model.num_classes))):
@@ -65,7 +72,8 @@ def main() -> None:
                 out = model(xt, t_net, y, group_size=n, generator=torch.Generator().manual_seed(args.seed)).float()
                 x0_hat[n] = xt - t * objective.velocity(out, x0.shape[1])
             cells = [f"N={n}: contrast {contrast(x0_hat[n]):.4f}"
-                     + (f", pull {pull(x0_hat[n], x0_hat[sizes[0]], n):+.4f}" if n > 1 else "") for n in sizes]
+                     + (f", pull {pull(x0_hat[n], x0_hat[sizes[0]], n):+.4f} (useful {pull(x0, x0_hat[sizes[0]], n):+.4f})"
+                        if n > 1 else "") for n in sizes]
             print(f"t={t:.2f} {branch:4s} " + " | ".join(cells), flush=True)
 
 

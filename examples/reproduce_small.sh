@@ -180,3 +180,17 @@ python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-
 for step in 1000 2000 3000; do  # the pull over training
   python "$HERE/../bench/group_pull.py" runs/f_sim/checkpoints/step_000$step data_heldout --times 0.5,0.8
 done
+
+# ---- session 12: why grouped predictions are pulled (bench/REPRODUCTION.md, "Trained on alike mates") ----
+# the held-out shapes again, with embeddings, so that group_pull.py lays them out in similarity groups
+groupdiff encode shapes_heldout data_heldout_emb --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
+    --shard-size 1000 --cpu
+for d in data_heldout data_heldout_emb; do  # class groups (as sampled), similarity groups (as trained)
+  python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,4 --times 0.5,0.8
+  python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,16 --times 0.8
+  python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" \
+      $d --group-sizes 1,4,16 --times 0.8
+done
+# GroupDiff-f trained with class groups, the groups sampling forms
+groupdiff train "${LONG[@]}" --run-name f_class --group-mode f --grouping class
+groupdiff study --ckpt runs/f_class/$CK4 --out st/f_class --group-sizes 1,4,16 "${S4[@]}" --align-labels 16
