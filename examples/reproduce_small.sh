@@ -194,3 +194,12 @@ done
 # GroupDiff-f trained with class groups, the groups sampling forms
 groupdiff train "${LONG[@]}" --run-name f_class --group-mode f --grouping class
 groupdiff study --ckpt runs/f_class/$CK4 --out st/f_class --group-sizes 1,4,16 "${S4[@]}" --align-labels 16
+# GroupDiff-l with random groups, trained again: its grouped branch's pull and its study
+groupdiff train "${LONG[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
+for d in data_heldout data_heldout_emb; do
+  python "$HERE/../bench/group_pull.py" runs/l_rand/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
+done
+groupdiff study --ckpt runs/l_rand/$CK4 --out st/l_rand --group-sizes 1,16 "${S4[@]}" --align-labels 16
+for s in f_class l_rand; do
+  python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
+done
