@@ -191,11 +191,13 @@ for d in data_heldout data_heldout_emb; do  # class groups (as sampled), similar
   python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" \
       $d --group-sizes 1,4,16 --times 0.8
 done
-# GroupDiff-f trained with class groups, the groups sampling forms
-groupdiff train "${LONG[@]}" --run-name f_class --group-mode f --grouping class
+# GroupDiff-f trained with class groups, the groups sampling forms (LONG without its final --resume: new runs)
+FRESH=("${LONG[@]:0:${#LONG[@]}-1}")
+groupdiff train "${FRESH[@]}" --run-name f_class --group-mode f --grouping class
 groupdiff study --ckpt runs/f_class/$CK4 --out st/f_class --group-sizes 1,4,16 "${S4[@]}" --align-labels 16
-# GroupDiff-l with random groups, trained again: its grouped branch's pull and its study
-groupdiff train "${LONG[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
+# GroupDiff-l with random groups, trained again (in session 11's fresh folder, where runs/l_rand did not exist):
+# its grouped branch's pull and its study
+groupdiff train "${FRESH[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
 for d in data_heldout data_heldout_emb; do
   python "$HERE/../bench/group_pull.py" runs/l_rand/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
 done
