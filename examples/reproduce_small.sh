@@ -205,3 +205,4 @@ groupdiff study --ckpt runs/l_rand/$CK4 --out st/l_rand --group-sizes 1,16 "${S4
 for s in f_class l_rand; do
   python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
 done
+python "$HERE/../bench/group_pull.py" runs/f_class/$CK4 data_heldout --group-sizes 1,4,16 --times 0.3,0.5,0.8,0.95
