@@ -60,11 +60,10 @@ def kid_pairs(pool: np.ndarray, ref_pool: np.ndarray, block: int) -> dict:
     n, m = len(pool), len(ref_pool)
     idx = np.arange(n)
     other_block = (idx[:, None] // block) != (idx[None] // block)
-    yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    yy_minus_xy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
     xx_all = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
     xx_cross = kxx[other_block].mean()
-    return dict(kid_all_pairs=1000 * float(xx_all + yy - 2 * kxy.mean()),
-                kid_other_blocks=1000 * float(xx_cross + yy - 2 * kxy.mean()))
+    return dict(kid_all_pairs=1000 * float(xx_all + yy_minus_xy), kid_other_blocks=1000 * float(xx_cross + yy_minus_xy))
 
 
 def fid_against_count(pools: dict, fd, block: int, sizes, repeats: int, seed: int = 0) -> dict:
@@ -108,20 +107,20 @@ def main() -> None:
     fd = fid.FrechetDistance(ref.mu, ref.sigma)
     runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / fid.POOL_FEATURES).exists())
     pools = {n: np.load(d / fid.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
-    labels = {n: np.load(d / "labels.npy") for n, d in runs}
     counts = fid_against_count(pools, fd, args.block, [int(s) for s in args.sizes.split(",")], args.repeats)
     report = {}
-    for n, _ in runs:
+    ref_pool = ref.pool.astype(np.float64)
+    for n, folder in runs:
         pool = pools[n]
         est = counts[n]["fid_at"][len(pool)]  # the full set's FID, computed once
         boot = fid.bootstrap_fid(pool, fd, args.bootstrap, args.block, estimate=est)
-        with np.load(dict(runs)[n] / "samples.npz") as f:
+        with np.load(folder / "samples.npz") as f:
             pixels = pixel_stats(f["arr_0"])
         report[n] = dict(fid=est, bootstrap_bias=boot["bias"], fid_minus_bias=est - boot["bias"],
                          mean_term=float(((pool.mean(0) - ref.mu) ** 2).sum()), **pixels,
                          trace_cov=float(pool.var(0, ddof=1).sum()),
-                         similarity=mate_similarity(pool, labels[n], n if n > 1 else args.block),
-                         **kid_pairs(pool, ref.pool.astype(np.float64), args.block), **counts[n])
+                         similarity=mate_similarity(pool, np.load(folder / "labels.npy"), n if n > 1 else args.block),
+                         **kid_pairs(pool, ref_pool, args.block), **counts[n])
     print(f"{'N':>3} {'FID':>8} {'boot bias':>9} {'FID-bias':>8} {'FID-inf':>8} {'slope/1e3':>9} "
           f"{'KID all':>8} {'KID xblk':>8} {'cos mates':>9} {'cos class':>9} {'tr cov':>8} {'mean term':>9} "
           f"{'contrast':>8} {'satur.':>7}")

@@ -71,8 +71,9 @@ def main() -> None:
             for n in sizes:
                 out = model(xt, t_net, y, group_size=n, generator=torch.Generator().manual_seed(args.seed)).float()
                 x0_hat[n] = xt - t * objective.velocity(out, x0.shape[1])
+            single = x0_hat[sizes[0]]
             cells = [f"N={n}: contrast {contrast(x0_hat[n]):.4f}"
-                     + (f", pull {pull(x0_hat[n], x0_hat[sizes[0]], n):+.4f} (useful {pull(x0, x0_hat[sizes[0]], n):+.4f})"
+                     + (f", pull {pull(x0_hat[n], single, n):+.4f} (useful {pull(x0, single, n):+.4f})"
                         if n > 1 else "") for n in sizes]
             print(f"t={t:.2f} {branch:4s} " + " | ".join(cells), flush=True)
 
