@@ -47,7 +47,8 @@ def pull(target: torch.Tensor, single: torch.Tensor, n: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
-    p.add_argument("eval_data", help="an `encode`d set of held-out images")
+    p.add_argument("eval_data", help="an `encode`d set of held-out images; laid out in similarity groups "
+                   "when its shards have embeddings, else in class groups")
     p.add_argument("--group-sizes", default="1,4,16")
     p.add_argument("--times", default="0.3,0.5,0.8")
     p.add_argument("--images", type=int, default=256)
