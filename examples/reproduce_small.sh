@@ -206,3 +206,11 @@ for s in f_class l_rand; do
   python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
 done
 python "$HERE/../bench/group_pull.py" runs/f_class/$CK4 data_heldout --group-sizes 1,4,16 --times 0.3,0.5,0.8,0.95
+
+# ---- session 13: GroupDiff-l trained with class groups (bench/REPRODUCTION.md, "GroupDiff-l trained on class groups") ----
+groupdiff train "${FRESH[@]}" --run-name l_class --group-mode l --group-ratio 0.25 --grouping class
+for d in data_heldout data_heldout_emb; do
+  python "$HERE/../bench/group_pull.py" runs/l_class/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
+done
+groupdiff study --ckpt runs/l_class/$CK4 --out st/l_class --group-sizes 1,16 "${S4[@]}" --align-labels 16
+python "$HERE/../bench/group_correlation.py" st/l_class ref_stats.npz --ref-images ref_images.npz
