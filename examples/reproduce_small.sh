@@ -207,7 +207,7 @@ for s in f_class l_rand; do
 done
 python "$HERE/../bench/group_pull.py" runs/f_class/$CK4 data_heldout --group-sizes 1,4,16 --times 0.3,0.5,0.8,0.95
 
-# ---- session 13: GroupDiff-l trained with class groups (bench/REPRODUCTION.md, "GroupDiff-l trained on class groups") ----
+# ---- session 13: GroupDiff-l trained with class groups (bench/REPRODUCTION.md, "Class groups for GroupDiff-l") ----
 groupdiff train "${FRESH[@]}" --run-name l_class --group-mode l --group-ratio 0.25 --grouping class
 for d in data_heldout data_heldout_emb; do
   python "$HERE/../bench/group_pull.py" runs/l_class/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
