@@ -214,3 +214,14 @@ for d in data_heldout data_heldout_emb; do
 done
 groupdiff study --ckpt runs/l_class/$CK4 --out st/l_class --group-sizes 1,16 "${S4[@]}" --align-labels 16
 python "$HERE/../bench/group_correlation.py" st/l_class ref_stats.npz --ref-images ref_images.npz
+# GroupDiff-f on the digits (session 7's data and reference), similarity groups and class groups, 2,000 steps each;
+# the digits once more without embeddings, so that group_pull.py lays them out in class groups
+groupdiff encode digits/images digits/data_noemb --image-size 32 --vae pixel --embedder none --shard-size 1000 --no-flip --cpu
+groupdiff train "${DIG[@]}" --run-name f_sim --group-mode f --grouping similarity
+groupdiff train "${DIG[@]}" --run-name f_class --group-mode f --grouping class
+for r in f_sim f_class; do
+  for d in data_noemb data; do  # class groups, similarity groups (of the training images: the digits have no held-out set)
+    python "$HERE/../bench/group_pull.py" digits/runs/$r/checkpoints/step_0002000 digits/$d --group-sizes 1,4,16 --times 0.5,0.8
+  done
+  groupdiff study --ckpt digits/runs/$r/checkpoints/step_0002000 --out digits/study/$r --group-sizes 1,16 "${SD[@]}" --align-labels 16
+done
