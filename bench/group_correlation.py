@@ -22,7 +22,7 @@ This separates them from the pool features a `groupdiff study` keeps in each N{n
   data: per-image contrast (pixel standard deviation) and saturation (max - min over
   the colour channels), to see which way the images move.
 
-    python bench/group_correlation.py STUDY_DIR REF_STATS.npz [--block 16] [--ref-images IMAGES.npz] [--json out.json]
+    python bench/group_correlation.py STUDY_DIR REF_STATS.npz [--block 16] [--ref-images IMAGES] [--json out.json]
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def main() -> None:
     p.add_argument("--sizes", default="256,512,1024", help="subset sizes for FID against the sample count")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--bootstrap", type=int, default=50)
-    p.add_argument("--ref-images", type=Path, help="the reference images (npz, arr_0) for their pixel statistics")
+    p.add_argument("--ref-images", type=Path, help="the reference images, for their pixel statistics: an ADM .npz "
+                   "or a folder of image files (what `groupdiff fid` reads)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     ref = fid.load_reference_stats(args.ref)
@@ -131,8 +132,7 @@ def main() -> None:
               f"{r['similarity']['same_class_other_groups']:9.4f} {r['trace_cov']:8.2f} {r['mean_term']:9.2f} "
               f"{r['contrast']:8.4f} {r['saturation']:7.4f}")
     if args.ref_images:
-        with np.load(args.ref_images) as f:
-            data = pixel_stats(f["arr_0"])
+        data = pixel_stats(np.stack([im.permute(1, 2, 0).numpy() for im in fid.open_images(args.ref_images)]))
         print(f"data: contrast {data['contrast']:.4f}, saturation {data['saturation']:.4f}")
         report["data"] = data
     if args.json:

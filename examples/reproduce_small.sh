@@ -223,15 +223,7 @@ for r in f_sim f_class; do
   for d in data_noemb data; do  # class groups, similarity groups (of the training images: the digits have no held-out set)
     python "$HERE/../bench/group_pull.py" digits/runs/$r/checkpoints/step_0002000 digits/$d --group-sizes 1,4,16 --times 0.5,0.8
   done
-  groupdiff study --ckpt digits/runs/$r/checkpoints/step_0002000 --out digits/study/$r --group-sizes 1,16 "${SD[@]}" --align-labels 16
-done
-groupdiff study --ckpt digits/runs/f_sim/checkpoints/step_0002000 --out digits/study/f_sim --group-sizes 1,4,16 "${SD[@]}" --align-labels 16
-python - <<'PY'  # the digits as one .npz, for group_correlation.py's contrast and saturation of the data
-import glob, numpy as np
-from PIL import Image
-files = sorted(glob.glob("digits/images/*/*.png"))
-np.savez("digits/ref_images.npz", arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
-PY
-for r in f_sim f_class; do
-  python "$HERE/../bench/group_correlation.py" digits/study/$r digits/ref_stats.npz --ref-images digits/ref_images.npz
+  sizes=1,16; [ $r = f_sim ] && sizes=1,4,16
+  groupdiff study --ckpt digits/runs/$r/checkpoints/step_0002000 --out digits/study/$r --group-sizes $sizes "${SD[@]}" --align-labels 16
+  python "$HERE/../bench/group_correlation.py" digits/study/$r digits/ref_stats.npz --ref-images digits/images
 done
