@@ -9,7 +9,11 @@ A run directory (written by `groupdiff train`)::
         model.safetensors                place only when complete (written as .tmp_*)
         ema.safetensors
         optimizer.pt                     AdamW state (weights_only pickle)
-        state.json                       {"step", "data_position", "processes", "param_sums"}
+        state.json                       {"step", "data_position", "processes", "param_sums",
+                                          "sha256": {"optimizer.pt": ...}}
+
+Every safetensors file carries the sha256 of its tensors and ``state.json`` that of
+``optimizer.pt`` (``integrity.py``); both are checked when a checkpoint is read.
 
 ``config.json["model"]`` is ``models.model_config(...)``: enough to rebuild the
 network. ``train`` records how it was trained (group size and mode), ``dataset``
@@ -27,7 +31,8 @@ import torch
 
 from groupdiff_cli.defaults import WEIGHTS
 from groupdiff_cli.files import read_json_file
-from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config, read_safetensors
+from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
+from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "step_"
@@ -39,19 +44,22 @@ def checkpoint_step(ckpt_dir: Path) -> int:
     return int(Path(ckpt_dir).name[len(CHECKPOINT_PREFIX):])
 
 
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict) -> Path:
     """Write RUN/checkpoints/step_<step> atomically: into a temporary directory, then
     renamed into place, so a checkpoint is complete or absent."""
-    from safetensors.torch import save_file
-
-    final = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / name))
+        save_safetensors(net.state_dict(), tmp / name)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state)))
+    sha = {OPTIMIZER_FILE: file_sha256(tmp / OPTIMIZER_FILE)}
+    (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state, sha256=sha)))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -71,15 +79,19 @@ def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
     ValueError naming it."""
     for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
         try:
-            net.load_state_dict(read_safetensors(ckpt / name))
+            net.load_state_dict(load_safetensors(ckpt / name))
         except RuntimeError as e:
             raise ValueError(f"--resume: {ckpt / name} does not fit the model ({str(e).splitlines()[0]})") from None
+    state = read_json_file(ckpt / STATE_FILE, "--resume")
+    recorded = (state.get("sha256") or {}).get(OPTIMIZER_FILE)  # checkpoints written before checksums: none
+    if recorded and (ckpt / OPTIMIZER_FILE).is_file() and file_sha256(ckpt / OPTIMIZER_FILE) != recorded:
+        raise IntegrityError(ckpt / OPTIMIZER_FILE, f"its sha256 differs from the one in {STATE_FILE}")
     try:
         optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     except Exception as e:  # refused pickles, truncated files, another model's optimizer
         raise ValueError(f"--resume: {ckpt / OPTIMIZER_FILE}: cannot load ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    step = read_json_file(ckpt / STATE_FILE, "--resume").get("step")
+    step = state.get("step")
     if not isinstance(step, int):
         raise ValueError(f"--resume: {ckpt / STATE_FILE} has no step")
     return step
@@ -128,7 +140,7 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
         if not file.is_file():
             raise ValueError(f"--ckpt {ckpt_dir}: no {file.name} in this checkpoint")
         try:
-            model.load_state_dict(read_safetensors(file), strict=True)
+            model.load_state_dict(load_safetensors(file), strict=True)
         except RuntimeError as e:
             raise ValueError(f"--ckpt {file}: does not fit the model in config.json "
                              f"({str(e).splitlines()[0]})") from None

@@ -251,7 +251,7 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
     groupdiff_cli train ...`: the same command and run directory layout. The objective
     follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
     """
-    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE, process_state
     from groupdiff_cli.train import TrainOptions
     from groupdiff_cli.train import train as run_train
 
@@ -268,6 +268,12 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
         result = run_train(opts, resume=resume, log=lambda m: main_process and click.echo(m, err=True))
     except FloatingPointError as e:  # not a usage error: exit code 1
         raise click.ClickException(str(e)) from None
+    if result.get("stopped_by"):
+        if main_process:
+            click.echo(f"{result['stopped_by']}: stopped at step {result['step']} with a checkpoint in "
+                       f"{result['run_dir']}; rerun the same command with --resume to continue "
+                       f"(exit code {PREEMPTED_EXIT_CODE})", err=True)
+        ctx.exit(PREEMPTED_EXIT_CODE)
     if main_process:
         click.echo(f"trained to step {result['step']}: {result['run_dir']}")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import InputError, read_json_file
 from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
 
@@ -550,7 +551,7 @@ class GroupBatches:
             if self._loader is None or self._loader[0] != w:  # the first window, or a jump
                 self.close()
                 loader = torch.utils.data.DataLoader(self.builder, batch_size=None, sampler=itertools.count(w),
-                                                     num_workers=1, prefetch_factor=1)
+                                                     num_workers=1, prefetch_factor=1, worker_init_fn=worker_init())
                 self._loader = (w, iter(loader))
             win = next(self._loader[1])
             self._loader = (w + 1, self._loader[1])

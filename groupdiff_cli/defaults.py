@@ -84,4 +84,8 @@ PRESETS = {
     # the bundled shapes at 32 px (the demo's weights and bench/REPRODUCTION.md)
     "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,
                       lr=6e-3, ema_decay=0.995),
+    # the bundled digits at their own 8x8 (the demo's weights): one token per pixel, class
+    # groups (a pixel-space set with no retrieval encoder), never mirrored
+    "digits-l4": dict(model="SiT-Mi/1", group_mode="l", group_size=4, group_ratio=0.25, grouping="class",
+                      global_batch_size=64, lr=6e-3, ema_decay=0.995, flip=False),
 }

@@ -1,8 +1,21 @@
-"""One place that starts accelerate's process state, so every command agrees on it."""
+"""The processes of a job: accelerate's process state (one place starts it, so every
+command agrees on it), the job lock, worker processes that never outlive their parent,
+and the stop signals of schedulers (preemption)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
+
 import torch
+
+# `groupdiff train`'s exit code when a stop signal made it checkpoint and stop early:
+# EX_TEMPFAIL, "try again later". A requeue script reruns the command with --resume.
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' "stop now" / SLURM's --signal=USR1@T
 
 
 def process_state(cpu: bool = False):
@@ -36,3 +49,58 @@ def take_job_lock(folder, flag: str, state):
     if why[0]:
         raise ValueError(why[0])
     return lock
+
+
+def _bind_to_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    # The kernel kills this process (SIGKILL) when its parent dies, however the parent
+    # dies (kill -9 included), so that no worker outlives its job with the shared
+    # memory it maps. Stop signals are the parent's to handle: a worker that died of one
+    # would make the parent fail while it writes its last checkpoint.
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(0)
+
+
+def worker_init():
+    """A DataLoader ``worker_init_fn`` that ties the worker's life to this process."""
+    return functools.partial(_bind_to_parent, os.getpid())
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 are recorded instead of ending the process, so
+    that the training loop can finish its step, write a checkpoint and stop
+    (``requested``). Outside the main thread (where Python cannot take signals) it does
+    nothing."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _record(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> str | None:
+        """The signal any process received (every process gets the same answer, so that
+        all of them stop at the same step), or None."""
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([float(self.received is not None)], device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() == 0:
+            return None
+        return self.received or "a stop signal (on another process)"

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli import __version__
+from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
 from groupdiff_cli.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
 CROP = "adm_center_crop"
@@ -254,7 +255,7 @@ def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out:
     import webdataset as wds
 
     loader = torch.utils.data.DataLoader(CroppedImages(root, items, indices, cfg.image_size), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate)
+                                         num_workers=num_workers, collate_fn=_collate, worker_init_fn=worker_init())
     skipped = []
     count = 0
     lat_sum = lat_sq = None

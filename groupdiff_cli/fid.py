@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli.defaults import IMAGE_SUFFIXES
+from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import InputError, atomic_path
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
@@ -346,7 +347,7 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
     start = sum(counts[: state.process_index])
     part = torch.utils.data.Subset(images, range(start, start + counts[state.process_index]))
     loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=state.device.type == "cuda")
+                                         pin_memory=state.device.type == "cuda", worker_init_fn=worker_init())
     extractor = extractor.to_device(state.device).eval()
     out = {POOL: [], LOGITS: [], SPATIAL: [], "digest": []}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not state.is_main_process, leave=False)

@@ -33,6 +33,7 @@ from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from groupdiff_cli.defaults import MAX_GROUP_SIZE
+from groupdiff_cli.integrity import load_safetensors
 
 # name of the one tensor that official DiT/SiT checkpoints lack
 SAMPLE_EMBED_KEY = "s_embedder.weight"
@@ -356,12 +357,14 @@ SIZES = {
 FAMILIES = {"DiT": "ddpm", "SiT": "flow"}  # family -> default objective
 
 # name -> architecture; every entry defaults to 256px images through the SD-VAE
-# (32x32x4 latents), 1000 classes, learn_sigma (as the official checkpoints).
+# (32x32x4 latents), 1000 classes, learn_sigma (as the official checkpoints). Patch 1
+# only for the CPU sizes: one token per pixel of a small pixel-space image (the demo's
+# 8x8 digits).
 MODELS: dict[str, dict] = {
     f"{family}-{size}/{patch}": dict(family=family, patch_size=patch, **dims)
     for family in FAMILIES
     for size, dims in SIZES.items()
-    for patch in (2, 4, 8)
+    for patch in ((1, 2, 4, 8) if size in ("Ti", "Mi") else (2, 4, 8))
 }
 
 DEFAULTS = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, max_group_size=MAX_GROUP_SIZE,
@@ -426,20 +429,9 @@ def count_flops(name: str, group_size: int = 1, **overrides) -> float:
 # --------------------------------------------------------------------------- #
 #  Official checkpoints                                                        #
 # --------------------------------------------------------------------------- #
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; ValueError naming the file if it is not one."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError, header decoding, OS errors
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if str(path).endswith(".safetensors"):
-        return read_safetensors(path)
+        return load_safetensors(path)
     # DiT's own training checkpoints also pickle the argparse.Namespace of the run
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:

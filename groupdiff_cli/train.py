@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from groupdiff_cli import __version__
-from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dirs, load_training_state, prune_checkpoints,
-                                       save_checkpoint)
+from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, load_training_state,
+                                       prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data import GroupBatches, read_dataset
 from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, TrainOptions
-from groupdiff_cli.distributed import take_job_lock
+from groupdiff_cli.distributed import StopSignals, take_job_lock
 from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
 from groupdiff_cli.models import MODELS, create_model, load_pretrained
 from groupdiff_cli.objectives import create as create_objective
@@ -123,8 +123,9 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
         log(f"note: --group-buffer {o.group_buffer} exceeds the ~{per_rank} samples each process reads per epoch: "
             f"a window then spans epochs, so an image can appear twice in one window (even in one group)")
     try:
-        run.start(ckpts[-1] if resume else None, log)
-        return run.loop(batches, heldout)
+        with StopSignals() as stop:
+            run.start(ckpts[-1] if resume else None, log)
+            return run.loop(batches, heldout, stop)
     finally:
         batches.close()
         lock.release()
@@ -227,8 +228,10 @@ class Run:
             (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.config, self.dir / CONFIG_FILE)
 
-    def loop(self, batches: GroupBatches, heldout: dict | None) -> dict:
-        """Train to ``max_steps``: log, evaluate and checkpoint on their schedules."""
+    def loop(self, batches: GroupBatches, heldout: dict | None, stop: StopSignals) -> dict:
+        """Train to ``max_steps``: log, evaluate and checkpoint on their schedules. A stop
+        signal (preemption) ends the loop after the step in progress, with a checkpoint:
+        the summary's ``stopped_by`` names the signal."""
         from tqdm import tqdm
 
         o, state = self.o, self.state
@@ -237,6 +240,13 @@ class Run:
         window = MetricsWindow(self.accelerator)
         evaluate = _heldout_eval(o, heldout, self.ema, self.objective, self.dir) if main and heldout else None
         while self.step < o.max_steps:
+            stopped_by = stop.requested(self.accelerator)
+            if stopped_by:
+                bar.close()
+                if not checkpoint_dir(self.dir, self.step).is_dir():
+                    self.save()
+                return dict(run_dir=str(self.dir), step=self.step, processes=state.num_processes,
+                            stopped_by=stopped_by)
             self.train_step(batches, window)
             bar.update(1)
             step = self.step

@@ -1,0 +1,117 @@
+"""What a scheduler does to a training job: kill -9 leaves no process or shared memory
+behind; SIGTERM / SIGUSR1 make `train` checkpoint, say so and exit 75, and --resume
+continues to the weights of a run that was never stopped."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import weights, write_dataset
+
+from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("procs") / "data", n=64)
+
+
+def train_cmd(data, results, *extra):
+    return [sys.executable, "-m", "groupdiff_cli", "train", "--data", str(data), "--model", "SiT-Mi/2",
+            "--results-dir", str(results), "--run-name", "r", "--global-batch-size", "8", "--group-buffer", "32",
+            "--log-every", "1", "--cpu", *extra]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for_step(job, run: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while True:
+        rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if rows and json.loads(rows[-1])["step"] >= step:
+            return
+        assert job.poll() is None, "the run ended early"
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker is tied to its parent with prctl")
+def test_kill_9_leaves_no_worker_and_no_shared_memory(data, tmp_path):
+    shm_before = shutil.disk_usage("/dev/shm").used
+    # a window large enough that the worker's message for the next one fills the pipe to
+    # its parent: torch's own worker then hangs for good once the parent is gone
+    cmd = train_cmd(data, tmp_path, "--max-steps", "100000", "--ckpt-every", "100000") + ["--group-buffer", "4096"]
+    job = subprocess.Popen(cmd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    try:
+        wait_for_step(job, tmp_path / "r", 2)
+        time.sleep(2)  # the worker has built the next window and is handing it over
+        workers = children(job.pid)
+        assert workers, "the loader's worker process was not found"
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers)
+    finally:
+        job.kill()
+    # the worker's windows were the only shared memory of the job (a little slack for others)
+    assert shutil.disk_usage("/dev/shm").used <= shm_before + (1 << 20)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_exits_75_and_resume_is_bitwise(data, tmp_path, sig):
+    run = tmp_path / "b" / "r"
+    job = subprocess.Popen(train_cmd(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        wait_for_step(job, run, 3)
+        workers = children(job.pid)
+        job.send_signal(sig)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert len(lines) == 1 and sig.name in lines[0] and "Traceback" not in err
+    step = json.loads((run / "checkpoints").glob("step_*/state.json").__next__().read_text())["step"]
+    assert step >= 3 and f"step {step} " in lines[0]
+    assert not any(alive(w) for w in workers)
+    # the same command with --resume, then two more steps, equals a run never stopped
+    again = subprocess.run(train_cmd(data, tmp_path / "b", "--max-steps", str(step + 2), "--ckpt-every", "100000",
+                                     "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    straight = subprocess.run(train_cmd(data, tmp_path / "a", "--max-steps", str(step + 2), "--ckpt-every",
+                                        "100000"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for x, y in zip(weights(tmp_path / "a" / "r", step + 2)[:2], weights(run, step + 2)[:2]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
