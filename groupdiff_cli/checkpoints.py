@@ -22,8 +22,10 @@ the latent space (VAE id, latent scale, image size).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -54,16 +56,32 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
-        save_safetensors(net.state_dict(), tmp / name)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    sha = {OPTIMIZER_FILE: file_sha256(tmp / OPTIMIZER_FILE)}
-    (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state, sha256=sha)))
+    try:
+        tmp.mkdir(parents=True)
+        for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
+            save_safetensors(net.state_dict(), tmp / name)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        sha = {OPTIMIZER_FILE: file_sha256(tmp / OPTIMIZER_FILE)}
+        (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state, sha256=sha)))
+    except Exception as e:  # safetensors and torch report a full disk in errors of their own
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, final) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _write_error(e: Exception, path: Path) -> OSError:
+    """An OSError naming the checkpoint that could not be written, whatever the writer raised."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"(?:code|errno):? (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    if code is None and shutil.disk_usage(path.parent).free < 2**26:  # torch.save names no cause
+        code = errno.ENOSPC
+    why = os.strerror(code) if code else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return OSError(code, f"{why}; not written (the earlier checkpoints are intact)", str(path))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int | None) -> None:

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, GROUP_MODES, GROUPINGS,
-                                    MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
+                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
@@ -34,13 +34,22 @@ class RunError(click.ClickException):
     exit_code = 1
 
 
-def _os_error_line(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename else ""
+def _os_error_line(e: OSError, ctx) -> str:
+    # an error without a file name (a write that ran out of space) names the command's output
+    output = ctx.meta.get(OUTPUT_KEY)
+    where = f"{e.filename}: " if e.filename else f"{output}: " if output else ""
     return f"{where}{e.strerror or e}" + (" (free some space and rerun: finished work is kept)"
                                           if e.errno == errno.ENOSPC else "")
 
 
-class Group(click.Group):
+OUTPUT_KEY = "groupdiff.output"  # ctx.meta (shared by every context of a run): where the command writes
+
+
+def _writes_to(flag: str, path) -> None:
+    click.get_current_context().meta[OUTPUT_KEY] = f"{flag} {path}"
+
+
+class OneLineErrors(click.Group):
     # Library functions raise ValueError for bad input: one line, exit 2. Failures found
     # while running (a corrupt shard, NaN samples, a full disk) are one line, exit 1.
     # --debug or GROUPDIFF_DEBUG=1 shows the traceback instead.
@@ -60,7 +69,7 @@ class Group(click.Group):
         except OSError as e:
             if _debug(ctx):
                 raise
-            raise RunError(_os_error_line(e)) from e
+            raise RunError(_os_error_line(e, ctx)) from e
 
 
 class Number(click.FloatRange):
@@ -101,10 +110,11 @@ def _check_writable_file(flag: str, path) -> None:
 
 
 def _debug(ctx) -> bool:
-    return bool(os.environ.get("GROUPDIFF_DEBUG") or ctx.params.get("debug"))
+    env = os.environ.get("GROUPDIFF_DEBUG", "").strip().lower()
+    return env in ("1", "true", "yes", "on") or bool(ctx.params.get("debug"))
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="groupdiff")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also GROUPDIFF_DEBUG=1).")
 def main(debug):
@@ -161,6 +171,7 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
     `accelerate launch -m groupdiff_cli encode SRC OUT ...` (each process writes its own
     shards; the first writes OUT/dataset.json when all are done).
     """
+    _writes_to("OUT", out)
     from groupdiff_cli.distributed import process_state
     from groupdiff_cli.encode import EncodeConfig, encode as run_encode
 
@@ -251,6 +262,7 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
     groupdiff_cli train ...`: the same command and run directory layout. The objective
     follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
     """
+    _writes_to("--results-dir", options["results_dir"])
     from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE, process_state
     from groupdiff_cli.train import TrainOptions
     from groupdiff_cli.train import train as run_train
@@ -279,12 +291,22 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
 
 
 def _int_list(value: str | None, flag: str) -> list[int] | None:
-    if not value:
+    if value is None:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{flag} {value}: expected comma-separated integers") from None
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {value!r}: expected comma-separated integers")
+    return values
+
+
+def _group_sizes(value: str) -> list[int]:
+    sizes = _int_list(value, "--group-sizes")
+    if min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise UsageError(f"--group-sizes {value}: expected distinct positive integers")
+    return sizes
 
 
 def _interval(value: str) -> tuple[float, float]:
@@ -356,6 +378,7 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
     labels.npy. Runs on several GPUs under `accelerate launch -m groupdiff_cli sample ...`;
     the output does not depend on the number of processes or the batch size.
     """
+    _writes_to("--out", out_dir)
     from groupdiff_cli.distributed import process_state
     from groupdiff_cli.sampling import build_job, run_sampling
 
@@ -409,6 +432,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
     S_cross against block and against step, and one example group's P matrix next to
     its images.
     """
+    _writes_to("--out", out_dir)
     from groupdiff_cli.attention import format_table, run_attention
     from groupdiff_cli.distributed import process_state
     from groupdiff_cli.files import write_json_atomic
@@ -441,11 +465,12 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
 @click.option("--save-ref-stats", type=click.Path(dir_okay=False), default=None,
               help="When REF is images: save its statistics (mu, sigma, mu_s, sigma_s and pool features of "
                    "up to 10k images for precision/recall) to this .npz, usable as REF later.")
-@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0),
-              help="Resample the samples this many times for a 95% confidence interval of FID.")
-@click.option("--bootstrap-block", default=1, show_default=True, type=click.IntRange(1),
-              help="Resample blocks of this many consecutive samples together: set it to the group size, "
-                   "since group-mates are correlated.")
+@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0, MAX_BOOTSTRAP),
+              help="Resample the samples this many times for a 95% confidence interval of FID (2 or more; "
+                   "1,000 is plenty).")
+@click.option("--bootstrap-block", default=None, type=click.IntRange(1),
+              help="Resample blocks of this many consecutive samples together, since group-mates are "
+                   "correlated. [default: the group size a `groupdiff sample` folder records, else 1]")
 @click.option("--paired-with", default=None, metavar="OTHER", type=click.Path(path_type=str),
               help="A second sample set whose image i has the same seed and label as SAMPLES' (the same `sample` "
                    "command at another group size or from another checkpoint, e.g. with --align-labels): also "
@@ -527,6 +552,7 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size
     by one, from weights shipped with the package, with the FID of each side
     (groups_vs_single.png); and the real chain from scratch at a small size (encode ->
     a few hundred training steps -> sampling). About 2 minutes on 2 CPU cores."""
+    _writes_to("--out", out_dir)
     from groupdiff_cli.demo import run_demo
 
     run_demo(out_dir, from_scratch=from_scratch, chain_steps=chain_steps, per_class=per_class,
@@ -549,8 +575,8 @@ def demo(out_dir, from_scratch, chain_steps, per_class, sample_steps, group_size
 @click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True)
 @click.option("--sampler", cls=SamplerOption, default=None)
 @click.option("--steps", type=click.IntRange(1), default=None)
-@click.option("--bootstrap", default=100, show_default=True, type=click.IntRange(0),
-              help="FID resamples (whole groups) for the 95% interval.")
+@click.option("--bootstrap", default=100, show_default=True, type=click.IntRange(0, MAX_BOOTSTRAP),
+              help="FID resamples (whole groups) for the 95% interval (0, or 2 and more).")
 @click.option("--attention-groups", default=16, show_default=True, type=click.IntRange(1),
               help="Groups measured for S_cross per group size.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None)
@@ -569,9 +595,10 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale,
     OUT/study.csv and OUT/study.png (the paper's Table 1 / scaling figure); with
     --eval-data also OUT/branch_loss.csv. A rerun of the same command resumes: finished
     samples and their pool features (OUT/N*/pool_features.npz) are reused."""
+    _writes_to("--out", out_dir)
     from groupdiff_cli.study import run_study
 
-    rows = run_study(ckpt, ref, out_dir, _int_list(group_sizes, "--group-sizes"), num_samples,
+    rows = run_study(ckpt, ref, out_dir, _group_sizes(group_sizes), num_samples,
                      cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                      bootstrap=bootstrap, attention_groups=attention_groups, inception_weights=inception_weights,
                      cpu=cpu, eval_data=eval_data, align_labels=align_labels, log=lambda m: click.echo(m, err=True))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli.distributed import worker_init
-from groupdiff_cli.files import InputError, read_json_file
+from groupdiff_cli.files import InputError, read_json_file, size_text
 from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
 
 
@@ -436,8 +436,8 @@ class WindowBuilder(torch.utils.data.Dataset):
 
             free = shutil.disk_usage("/dev/shm").free
             if 2 * self.window_bytes > free:
-                raise ValueError(f"--group-buffer {window}: two windows need {2 * self.window_bytes / 2**30:.1f} GiB "
-                                 f"of shared memory and /dev/shm has {free / 2**30:.1f} GiB free; lower "
+                raise ValueError(f"--group-buffer {window}: two windows need {size_text(2 * self.window_bytes)} "
+                                 f"of shared memory and /dev/shm has {size_text(free)} free; lower "
                                  f"--group-buffer or give the container more (docker run --shm-size)")
         self.buffers = [window_tensors(probe, window, shared) for _ in range(2)]
         self._views: dict[int, Window] = {}

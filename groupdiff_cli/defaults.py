@@ -21,6 +21,9 @@ CFG_SCALE = 1.5  # DiT/SiT's FID setting
 DEFAULT_STEPS = 250  # sampling steps, DiT's and SiT's
 WEIGHTS = ("ema", "model")  # which weights of one of our checkpoints
 
+# ---- metrics ---------------------------------------------------------------
+MAX_BOOTSTRAP = 100_000  # resamples: 1,000 give a steady 95% interval; beyond this is a typo
+
 # ---- data ------------------------------------------------------------------
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SD_VAE_SCALE = 0.18215

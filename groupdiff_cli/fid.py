@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import struct
 import zipfile
@@ -30,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from groupdiff_cli.defaults import IMAGE_SUFFIXES
+from groupdiff_cli.defaults import IMAGE_SUFFIXES, MAX_BOOTSTRAP
 from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import InputError, atomic_path
+from groupdiff_cli.integrity import IntegrityError, file_sha256, load_arrays, save_arrays
+from groupdiff_cli.sampling import LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG, SAMPLES_FILE, recorded_group_size
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
 METRICS = ("fid", "sfid", "isc", "prc", "kid")
@@ -154,8 +157,8 @@ def open_images(path) -> torch.utils.data.Dataset:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
-        if (path / "samples.npz").is_file():
-            return NpzImages(path / "samples.npz")
+        if (path / SAMPLES_FILE).is_file():
+            return NpzImages(path / SAMPLES_FILE)
         return FolderImages(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: expected an .npz file or a folder of images")
@@ -165,14 +168,6 @@ def open_images(path) -> torch.utils.data.Dataset:
 # --------------------------------------------------------------------------- #
 #  Inception features                                                          #
 # --------------------------------------------------------------------------- #
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fidelity_skeleton() -> torch.nn.Module:
     """torch-fidelity's ``inception-v3-compat`` network with its weights left at their
     init: nothing is fetched or read (for converting weights into its layout, and tests)."""
@@ -229,7 +224,7 @@ def offline_inception_weights() -> tuple[str, dict] | None:
     src = tf_inception_torchscript()
     if src is None:
         return None
-    src_sha = sha256_file(src)
+    src_sha = file_sha256(src)
     dst = cache_dir() / f"tf-fid-inception-{src_sha[:16]}.pth"
     if not dst.is_file():
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +273,7 @@ class InceptionFeatures(torch.nn.Module):
                              ) from None
         if weights_path is None:
             weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
-            sha = sha256_file(weights_path)
+            sha = file_sha256(weights_path)
         else:
             sha = hashlib.sha256(data).hexdigest()
         self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=sha, **extra)
@@ -374,28 +369,32 @@ def images_sha256(images, batch_size: int = 256) -> str:
     return hashlib.sha256(torch.cat(digests).numpy().tobytes()).hexdigest()
 
 
-POOL_FEATURES = "pool_features.npz"  # a `groupdiff sample` folder's pool features, saved by `fid`
 
 
 def save_pool_features(feats: Features, path, extractor: "InceptionFeatures") -> None:
     """Keep a sample set's pool features (what FID and precision/recall need; 8 kB an
-    image) beside it, atomically, so that re-evaluating it skips the network."""
-    with atomic_path(Path(path)) as tmp:
-        np.savez(tmp, pool=feats.pool.astype(np.float32), sha256=np.array(feats.sha256),
-                 extractor_sha256=np.array(extractor.weights["sha256"]))
+    image) beside it, atomically and with a checksum, so that re-evaluating it skips the
+    network."""
+    save_arrays(path, pool=feats.pool.astype(np.float32), sha256=np.array(feats.sha256),
+                extractor_sha256=np.array(extractor.weights["sha256"]))
 
 
 def load_pool_features(path, images, extractor: "InceptionFeatures") -> Features | None:
     """The pool features saved for ``images``, or None when there are none, or they were
     computed from other pixels (the sha256 of the images differs) or by other network
-    weights than ``extractor``'s."""
+    weights than ``extractor``'s. IntegrityError when the file is corrupt (unreadable,
+    checksum mismatch, not finite)."""
     path = Path(path)
     if not path.exists():
         return None
-    with np.load(path) as f:
-        if "extractor_sha256" not in f or str(f["extractor_sha256"]) != extractor.weights["sha256"]:
-            return None
-        pool, sha = f["pool"], str(f["sha256"])
+    f = load_arrays(path)
+    if not {"pool", "sha256", "extractor_sha256"} <= set(f):
+        raise IntegrityError(path, "it lacks the arrays of a pool-features file")
+    if str(f["extractor_sha256"]) != extractor.weights["sha256"]:
+        return None
+    pool, sha = f["pool"], str(f["sha256"])
+    if pool.ndim != 2 or not np.isfinite(pool).all():
+        raise IntegrityError(path, "its features are not a finite matrix")
     if len(pool) != len(images) or sha != images_sha256(images):
         return None
     empty = np.empty((len(pool), 0), np.float32)
@@ -522,10 +521,12 @@ def resampled_fids(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: in
         raise ValueError(f"--bootstrap-block {block} does not divide the {n} samples")
     if rounds < 2:
         raise ValueError(f"--bootstrap {rounds}: need at least 2 resamples")
+    from tqdm import tqdm
+
     blocks = np.asarray(pool, dtype=np.float64).reshape(n // block, block, -1)
     rng = np.random.default_rng(seed)
     return np.asarray([fd.of_features(blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1))
-                       for _ in range(rounds)])
+                       for _ in tqdm(range(rounds), desc="bootstrap", unit="resample", leave=False)])
 
 
 def _bias_corrected_interval(values: np.ndarray, estimate: float, block: int) -> dict:
@@ -625,7 +626,7 @@ def load_reference_stats(path: Path) -> Reference:
     """An ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0) or a file written by
     ``save_reference``: (mu, sigma, mu_s, sigma_s, pool)."""
     keys = npz_keys(path)
-    ref = Reference(source=str(path), sha256=sha256_file(path))
+    ref = Reference(source=str(path), sha256=file_sha256(path))
     for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         if k in keys:
             setattr(ref, k, np.array(_npz_member(path, f"{k}.npy")))
@@ -669,23 +670,29 @@ def is_stats_file(path: Path) -> bool:
 # --------------------------------------------------------------------------- #
 #  The whole evaluation                                                        #
 # --------------------------------------------------------------------------- #
-def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None, batch_size: int = 100,
-             num_workers: int = 0, bootstrap: int = 0, bootstrap_block: int = 1, save_ref_stats=None,
-             seed: int = 0, cpu: bool = False, explicit_metrics: bool = True,
-             extractor: InceptionFeatures | None = None, return_features: bool = False, paired_with=None):
+def evaluate(samples, reference, metrics=DEFAULT_METRICS, **options) -> dict:
     """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
-    the provenance (counts, hashes, feature extractor and weights) as a dict.
+    the provenance (counts, hashes, feature extractor and weights) as a dict. The
+    options are ``evaluate_with_features``'s."""
+    return evaluate_with_features(samples, reference, metrics, **options)[0]
+
+
+def evaluate_with_features(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None,
+                           batch_size: int = 100, num_workers: int = 0, bootstrap: int = 0,
+                           bootstrap_block: int | None = None, save_ref_stats=None, seed: int = 0, cpu: bool = False,
+                           explicit_metrics: bool = True, extractor: InceptionFeatures | None = None,
+                           paired_with=None) -> tuple[dict, Features]:
+    """``evaluate``, returning the samples' features too.
 
     ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
-    ``inception_weights`` is not read). With ``return_features`` the result is
-    ``(report, features)``. A `groupdiff sample` folder keeps its pool features
-    (``POOL_FEATURES``), reused when only pool features are needed (FID, P/R, KID).
-    ``paired_with``: a second sample set whose image i came from the same seed and label;
-    adds FID(samples) - FID(paired_with) with a paired bootstrap interval.
-
-    With ``explicit_metrics=False`` (the default metric set) a metric the reference
-    cannot support (e.g. sFID against statistics without mu_s) is skipped with a note
-    instead of being an error.
+    ``inception_weights`` is not read). A `groupdiff sample` folder keeps its pool
+    features (``POOL_FEATURES``), reused when only pool features are needed (FID, P/R,
+    KID). ``bootstrap_block``: samples resampled together [default: the group size that
+    `groupdiff sample` recorded, else 1]. ``paired_with``: a second sample set whose image i
+    came from the same seed and label; adds FID(samples) - FID(paired_with) with a paired
+    bootstrap interval. With ``explicit_metrics=False`` (the default metric set) a metric
+    the reference cannot support (e.g. sFID against statistics without mu_s) is skipped
+    with a note instead of being an error.
     """
     from groupdiff_cli import __version__
     from groupdiff_cli.distributed import process_state
@@ -702,7 +709,7 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
         raise FileNotFoundError(f"{ref_path}: no such file or folder")
     if save_ref_stats and is_stats_file(ref_path):
         raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
-    other_images = _checked_resampling(samples, len(images), metrics, bootstrap, bootstrap_block, paired_with)
+    block, other_images = _checked_resampling(samples, len(images), metrics, bootstrap, bootstrap_block, paired_with)
 
     extractor = extractor or InceptionFeatures(inception_weights)
     read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
@@ -710,12 +717,12 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
     if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
         ref.pool = extract_features(ref.images, desc="reference images", **read).pool
-    feats = _features(samples, images, set(chosen) <= POOL_METRICS, "samples", read)
-    other = None if paired_with is None else _features(paired_with, other_images, True, "paired samples", read)
+    feats = _features(samples, images, set(chosen) <= POOL_METRICS, "samples", read, notes)
+    other = None if paired_with is None else _features(paired_with, other_images, True, "paired samples", read, notes)
     import torch_fidelity
 
     report = dict(
-        metrics=_metrics(chosen, feats, ref, bootstrap, bootstrap_block, seed, other),
+        metrics=_metrics(chosen, feats, ref, bootstrap, block, seed, other),
         notes=notes,
         samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
         reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
@@ -726,48 +733,68 @@ def evaluate(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None
     )
     if other is not None:
         report["paired_with"] = dict(path=str(paired_with), count=len(other), sha256=other.sha256)
-    return (report, feats) if return_features else report
+    return report, feats
 
 
 POOL_METRICS = frozenset({"fid", "prc", "kid"})  # the metrics that pool features alone support
 
 
-def _features(path, images, pool_only: bool, desc: str, read: dict) -> Features:
+def _features(path, images, pool_only: bool, desc: str, read: dict, notes: list[str]) -> Features:
     """The features of ``images`` (read from ``path``): the folder's saved pool features
     when those are all that is needed and they fit, else extracted. A `groupdiff sample`
     folder keeps the pool features extracted from it, so that evaluating it again (a
-    study's rerun, another --paired-with) skips the network."""
+    study's rerun, another --paired-with) skips the network. The cache is optional: a
+    corrupt one is recomputed and one that cannot be written is skipped, each with a note."""
     folder = Path(path)
     cache = folder / POOL_FEATURES
     if pool_only and folder.is_dir():
-        saved = load_pool_features(cache, images, read["extractor"])
+        try:
+            saved = load_pool_features(cache, images, read["extractor"])
+        except IntegrityError as e:
+            saved = None
+            notes.append(f"{e}: recomputed")
         if saved is not None:
             return saved
     feats = extract_features(images, desc=desc, **read)
-    if (folder / "sample_config.json").is_file() and read["state"].is_main_process:
-        save_pool_features(feats, cache, read["extractor"])
+    if (folder / SAMPLE_CONFIG).is_file() and read["state"].is_main_process:
+        try:
+            save_pool_features(feats, cache, read["extractor"])
+        except OSError as e:
+            notes.append(f"pool features not kept in {cache} ({e.strerror or e}); the metrics are unaffected")
     return feats
 
 
-def _checked_resampling(samples, count: int, metrics, bootstrap: int, block: int, path):
-    """Check the bootstrap options and return the images of the ``--paired-with`` set
-    ``path`` (None without one), once it is clear that they pair with SAMPLES image by
-    image: all before any network runs."""
+def _checked_resampling(samples, count: int, metrics, bootstrap: int, block: int | None, path):
+    """Check the bootstrap options and return the block size and the images of the
+    ``--paired-with`` set ``path`` (None without one), once it is clear that they pair
+    with SAMPLES image by image: all before any network runs."""
+    if bootstrap == 1 or bootstrap > MAX_BOOTSTRAP:
+        raise ValueError(f"--bootstrap {bootstrap}: use 0 (no interval) or 2 to {MAX_BOOTSTRAP} resamples")
+    sizes = {p: recorded_group_size(p) for p in (samples, path) if p is not None}
+    recorded = math.lcm(*(n or 1 for n in sizes.values()))
+    block = block or recorded
+    for p, n in sizes.items():
+        if n and block % n:
+            raise ValueError(f"--bootstrap-block {block} splits the groups of {n} images in {p}: use a multiple "
+                             f"of {n}, since group-mates are correlated")
     if bootstrap and count % block:
         raise ValueError(f"--bootstrap-block {block} does not divide the {count} samples")
+    if bootstrap and count // block < 2:
+        raise ValueError(f"--bootstrap-block {block}: the {count} samples make {count // block} block; resampling "
+                         f"needs at least 2 (an interval worth reading, 20 or more)")
     if path is None:
-        return None
+        return block, None
     if "fid" not in metrics or bootstrap < 2:
         raise ValueError("--paired-with: needs FID among the metrics and --bootstrap (at least 2 resamples)")
     images = open_images(path)
     if len(images) != count:
         raise ValueError(f"--paired-with {path}: {len(images)} images, SAMPLES has {count}; a pair needs the same "
                          f"seeds and labels, image by image")
-    mine, theirs = Path(samples) / "labels.npy", Path(path) / "labels.npy"
+    mine, theirs = Path(samples) / LABELS_FILE, Path(path) / LABELS_FILE
     if mine.is_file() and theirs.is_file() and not np.array_equal(np.load(mine), np.load(theirs)):
-        raise ValueError(f"--paired-with {path}: its labels.npy differs from SAMPLES' (image i of both must share "
+        raise ValueError(f"--paired-with {path}: its {LABELS_FILE} differs from SAMPLES' (image i of both must share "
                          f"its seed and label; `sample --align-labels` lines them up)")
-    return images
+    return block, images
 
 
 def _reference(ref_path: Path, save_ref_stats, read: dict):

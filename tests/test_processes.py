@@ -44,6 +44,22 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def kill_tree(job) -> None:
+    """A test's cleanup: the job and every process below it (torchrun starts its
+    processes in sessions of their own, out of reach of a process-group kill)."""
+    todo, found = [job.pid], []
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children(pid)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -83,7 +99,7 @@ def test_kill_9_leaves_no_worker_and_no_shared_memory(data, tmp_path):
             time.sleep(0.1)
         assert not any(alive(w) for w in workers)
     finally:
-        job.kill()
+        kill_tree(job)
     # the worker's windows were the only shared memory of the job (a little slack for others)
     assert shutil.disk_usage("/dev/shm").used <= shm_before + (1 << 20)
 
@@ -99,7 +115,7 @@ def test_a_stop_signal_checkpoints_exits_75_and_resume_is_bitwise(data, tmp_path
         job.send_signal(sig)
         _, err = job.communicate(timeout=120)
     finally:
-        job.kill()
+        kill_tree(job)
     assert job.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
     lines = [ln for ln in err.splitlines() if "--resume" in ln]
     assert len(lines) == 1 and sig.name in lines[0] and "Traceback" not in err
@@ -114,4 +130,37 @@ def test_a_stop_signal_checkpoints_exits_75_and_resume_is_bitwise(data, tmp_path
                                         "100000"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert straight.returncode == 0, straight.stderr[-2000:]
     for x, y in zip(weights(tmp_path / "a" / "r", step + 2)[:2], weights(run, step + 2)[:2]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_launcher_passes_usr1_on_and_every_process_stops_at_the_same_step(data, tmp_path):
+    """What the SLURM example does: `accelerate launch` told to hand SIGUSR1 to its
+    processes (PET_SIGNALS_TO_HANDLE, torchrun's --signals-to-handle); both checkpoint the same step and stop;
+    --resume then ends with the weights of a run never stopped."""
+    from test_train import _launch_two
+
+    env = dict(ENV, PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    run = tmp_path / "b" / "SiT-Ti-2-l4"
+    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        wait_for_step(job, run, 2, timeout=300)
+        job.send_signal(signal.SIGUSR1)
+        _, err = job.communicate(timeout=120)
+    finally:
+        kill_tree(job)
+    assert job.returncode == 128 + signal.SIGUSR1, err[-2000:]  # the launcher's own code for a signal
+    assert "SIGUSR1: stopped at step" in err
+    (ckpt,) = (run / "checkpoints").glob("step_*")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    launch = _launch_two
+    again = subprocess.run(launch(data, tmp_path / "b", "--max-steps", str(step + 2), "--ckpt-every", "100000",
+                                  "--resume"),
+                           capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    straight = subprocess.run(launch(data, tmp_path / "a", "--max-steps", str(step + 2), "--ckpt-every", "100000"),
+                              capture_output=True,
+                              text=True, env=ENV, cwd=ROOT)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", step + 2)[:2], weights(run, step + 2)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

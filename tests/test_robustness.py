@@ -19,6 +19,7 @@ from test_train import write_dataset
 from groupdiff_cli import fid
 from groupdiff_cli.cli import main
 from groupdiff_cli.files import LOCK_NAME
+from groupdiff_cli.integrity import file_sha256
 
 
 def cli(*args):
@@ -126,6 +127,9 @@ def test_a_malicious_optimizer_state_is_refused_in_one_line(data, tmp_path):
     assert cli(*args, "--max-steps", "2").exit_code == 0
     opt = tmp_path / "runs" / "SiT-Ti-2-l4" / "checkpoints" / "step_0000002" / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "evil": subprocess.Popen}, opt)
+    state = json.loads((opt.parent / "state.json").read_text())  # forged: its checksum fits
+    state["sha256"]["optimizer.pt"] = file_sha256(opt)
+    (opt.parent / "state.json").write_text(json.dumps(state))
     one_line(cli(*args, "--max-steps", "4", "--resume"), 2, str(opt), "cannot load")
 
 
@@ -322,3 +326,107 @@ def test_debug_shows_the_traceback(tmp_path):
     res = CliRunner().invoke(main, ["--debug", "sample", "--ckpt", str(tmp_path / "nope"), "--out",
                                     str(tmp_path / "o"), "--num-samples", "2"])
     assert res.exit_code != 0 and isinstance(res.exception, ValueError)
+
+
+# ---------------------------------------------------------------------------- options checked before the work
+def test_bootstrap_counts_and_blocks_are_checked_before_any_feature_is_extracted(pixel_run, weights, tmp_path,
+                                                                                  monkeypatch):
+    out = tmp_path / "s"
+    assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0  # groups of 2
+    other = tmp_path / "s4"
+    assert cli(*sample_args(pixel_run, other, "--num-samples", "8", "--group-size", "4")).exit_code == 0
+    ref = images_npz(tmp_path / "ref.npz", 8)
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
+    base = ["fid", out, ref, "--inception-weights", weights, "--metrics", "fid"]
+    one_line(cli(*base, "--bootstrap", "1000000000"), 2, "--bootstrap")
+    one_line(cli(*base, "--bootstrap", "1"), 2, "--bootstrap 1")
+    one_line(cli(*base, "--bootstrap", "10", "--bootstrap-block", "8"), 2, "--bootstrap-block 8", "1 block")
+    one_line(cli(*base, "--bootstrap", "10", "--bootstrap-block", "3"), 2, "--bootstrap-block 3", "groups of 2")
+    one_line(cli(*base, "--bootstrap", "10", "--bootstrap-block", "2", "--paired-with", other), 2,
+             "--bootstrap-block 2", "groups of 4", str(other))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert not (out / "pool_features.npz").exists()
+
+
+def test_the_bootstrap_block_defaults_to_the_recorded_group_size(pixel_run, weights, tmp_path):
+    out = tmp_path / "s"
+    assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0
+    ref = images_npz(tmp_path / "ref.npz", 8)
+    res = cli("fid", out, ref, "--inception-weights", weights, "--metrics", "fid", "--bootstrap", "4")
+    assert res.exit_code == 0 and "block 2" in res.output, res.output
+
+
+def test_conflicting_label_options_are_refused(pixel_run, tmp_path):
+    one_line(cli(*sample_args(pixel_run, tmp_path / "o", "--random-labels", "--align-labels", "4")), 2,
+             "--align-labels and --random-labels conflict")
+    one_line(cli("sample", "--ckpt", pixel_run, "--out", tmp_path / "o", "--group-size", "2", "--class-labels", "1,2",
+                 "--num-samples", "4"), 2, "--class-labels and --num-samples conflict")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sizes, message", [("", "--group-sizes ''"), ("1,2,2", "distinct"), ("1,64", "64")])
+def test_study_group_sizes_are_checked_before_any_sampling(pixel_run, tmp_path, sizes, message):
+    res = cli("study", "--ckpt", pixel_run, "--out", tmp_path / "st", "--group-sizes", sizes, "--num-samples", "64",
+              "--steps", "2", "--cpu")
+    one_line(res, 2, message)
+    assert not (tmp_path / "st" / "N1").exists()
+
+
+def test_eval_data_from_another_latent_space_is_refused_before_training(data, tmp_path):
+    other = write_dataset(tmp_path / "other", hw=4)
+    one_line(cli(*train_args(data, tmp_path / "r", "--max-steps", "2", "--eval-data", other)), 2, "--eval-data",
+             "latent_shape")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../x"])
+def test_run_names_stay_inside_results_dir(data, tmp_path, name):
+    one_line(cli(*train_args(data, tmp_path / "r", "--max-steps", "2", "--run-name", name)), 2, "--run-name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("value, shown", [("0", False), ("false", False), ("", False), ("1", True), ("yes", True)])
+def test_groupdiff_debug_is_on_only_for_a_truthy_value(tmp_path, monkeypatch, value, shown):
+    monkeypatch.setenv("GROUPDIFF_DEBUG", value)
+    res = CliRunner().invoke(main, ["sample", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                                    "--num-samples", "2"])
+    assert isinstance(res.exception, ValueError) == shown
+    if not shown:
+        one_line(res, 2, "--ckpt")
+
+
+def test_odd_lock_files_are_one_line_or_taken_over(data, tmp_path):
+    run = tmp_path / "r" / "SiT-Ti-2-l4"
+    run.mkdir(parents=True)
+    (run / LOCK_NAME).write_text(json.dumps(dict(pid="abc", host="x")))  # not a job's: stale
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "2")).exit_code == 0
+    (run / LOCK_NAME).mkdir()
+    one_line(cli(*train_args(data, tmp_path / "r", "--max-steps", "4", "--resume")), 2, str(run / LOCK_NAME),
+             "is a folder")
+
+
+def test_small_sizes_in_messages_are_in_mib():
+    from groupdiff_cli.files import size_text
+
+    assert size_text(5 * 2**20) == "5.0 MiB" and size_text(3 * 2**30) == "3.0 GiB"
+
+
+@pytest.mark.parametrize("command", ["encode", "sample"])
+def test_a_full_disk_without_a_file_name_names_the_output(pixel_run, tmp_path, monkeypatch, command):
+    import groupdiff_cli.encode as encode
+    import groupdiff_cli.sampling as sampling
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if command == "encode":
+        src = tmp_path / "src" / "a"
+        src.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "x.png")
+        monkeypatch.setattr(encode, "encode_shard", full)
+        res = cli("encode", tmp_path / "src", tmp_path / "out", "--vae", "pixel", "--embedder", "none",
+                  "--image-size", "8", "--num-workers", "0", "--cpu")
+        one_line(res, 1, f"OUT {tmp_path / 'out'}", "No space left on device")
+    else:
+        monkeypatch.setattr(sampling, "write_npz_streaming", full)
+        one_line(cli(*sample_args(pixel_run, tmp_path / "o")), 1, f"--out {tmp_path / 'o'}", "No space left")

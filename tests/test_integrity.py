@@ -1,0 +1,146 @@
+"""Nothing trusted blindly: every weights file and cache we write carries a checksum
+that is checked when it is read; a corrupt cache is recomputed, an optional write that
+fails is a note, and a checkpoint that cannot be written is one line."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_robustness import cli, images_npz, one_line, pixel_run, sample_args, snapshot, train_args, weights  # noqa: F401
+from test_train import write_dataset
+
+from groupdiff_cli import fid, integrity
+from groupdiff_cli.integrity import DIGEST_KEY, IntegrityError
+
+
+def flip_bytes(path, offset_from_end: int = 300, count: int = 200):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + count):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_tensors_and_arrays_round_trip_with_their_digest(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.bfloat16)}
+    integrity.save_safetensors(t, tmp_path / "t.safetensors")
+    back = integrity.load_safetensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(t[k], back[k]) for k in t)
+    integrity.save_arrays(tmp_path / "a.npz", x=np.arange(6.0), s=np.array("text"))
+    arrays = integrity.load_arrays(tmp_path / "a.npz")
+    assert set(arrays) == {"x", "s"} and np.array_equal(arrays["x"], np.arange(6.0))
+    # the digest covers names, dtypes and shapes, not only the bytes
+    assert integrity.tensors_digest({"a": torch.zeros(4)}) != integrity.tensors_digest({"a": torch.zeros(2, 2)})
+    assert integrity.tensors_digest({"a": torch.zeros(4)}) != integrity.tensors_digest({"b": torch.zeros(4)})
+
+
+def test_flipped_bytes_in_weights_are_one_line_naming_the_file(pixel_run, tmp_path):  # noqa: F811
+    from groupdiff_cli.checkpoints import checkpoint_dirs
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(pixel_run, run)
+    ema = checkpoint_dirs(run)[-1] / "ema.safetensors"
+    integrity.save_safetensors(integrity.load_safetensors(ema), ema)  # as `train` writes it: with its digest
+    assert cli(*sample_args(run, tmp_path / "ok")).exit_code == 0
+    flip_bytes(ema)
+    one_line(cli(*sample_args(run, tmp_path / "o")), 2, str(ema), "corrupt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_optimizer_state_is_refused_on_resume(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "2")).exit_code == 0
+    ckpt = next((tmp_path / "r").rglob("step_0000002"))
+    assert json.loads((ckpt / "state.json").read_text())["sha256"]["optimizer.pt"]
+    flip_bytes(ckpt / "optimizer.pt", 120, 16)
+    before = snapshot(tmp_path / "r")
+    one_line(cli(*train_args(data, tmp_path / "r", "--max-steps", "4", "--resume")), 2, "optimizer.pt", "corrupt")
+    assert snapshot(tmp_path / "r") == before
+
+
+@pytest.mark.parametrize("how", ["wrong", "truncated", "flipped", "garbage", "nan", "pickled"])
+def test_a_corrupt_pool_feature_cache_is_recomputed(pixel_run, weights, tmp_path, how):  # noqa: F811
+    out = tmp_path / "s"
+    assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0
+    ref = images_npz(tmp_path / "ref.npz", 8)
+    args = ["fid", out, ref, "--inception-weights", weights, "--metrics", "fid", "--json", tmp_path / "a.json"]
+    assert cli(*args).exit_code == 0
+    fresh = json.loads((tmp_path / "a.json").read_text())["metrics"]["fid"]
+    cache = out / "pool_features.npz"
+    f = integrity.load_arrays(cache)
+    if how == "wrong":  # well-formed, the right hashes, other numbers
+        np.savez(cache, **dict(f, pool=f["pool"] * 3), **{DIGEST_KEY: np.array("0" * 64)})
+    elif how == "truncated":
+        cache.write_bytes(cache.read_bytes()[:500])
+    elif how == "flipped":
+        flip_bytes(cache, 2000, 50)
+    elif how == "garbage":
+        cache.write_bytes(b"\x00garbage" * 100)
+    elif how == "nan":
+        pool = f.pop("pool") * np.nan
+        integrity.save_arrays(cache, pool=pool, **f)
+    else:
+        np.savez(cache, pool=np.array([object()], dtype=object))
+    res = cli(*args)
+    assert res.exit_code == 0, res.output
+    assert "note: " in res.output and str(cache) in res.output and "recomputed" in res.output
+    assert json.loads((tmp_path / "a.json").read_text())["metrics"]["fid"] == pytest.approx(fresh, rel=1e-6)
+    assert integrity.load_arrays(cache)  # written again, whole
+
+
+def test_a_cache_that_cannot_be_written_is_a_note_and_the_metric_is_kept(pixel_run, weights, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    out = tmp_path / "s"
+    assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0
+    ref = images_npz(tmp_path / "ref.npz", 8)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(out / "pool_features.npz"))
+
+    monkeypatch.setattr(fid, "save_pool_features", read_only)
+    res = cli("fid", out, ref, "--inception-weights", weights, "--metrics", "fid", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "FID" in res.output and "Read-only file system" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["fid"] > 0
+    assert not (out / "pool_features.npz").exists()
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch"])
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, writer):
+    from safetensors import SafetensorError
+
+    import groupdiff_cli.checkpoints as checkpoints
+
+    data = write_dataset(tmp_path / "data")
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "2")).exit_code == 0
+    before = snapshot(tmp_path / "r" / "SiT-Ti-2-l4" / "checkpoints")
+    if writer == "safetensors":
+        def full(*a, **k):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        monkeypatch.setattr(checkpoints, "save_safetensors", full)
+    else:
+        def full(*a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 128 vs 64")
+        monkeypatch.setattr(checkpoints.torch, "save", full)
+        real = checkpoints.shutil.disk_usage
+        monkeypatch.setattr(checkpoints.shutil, "disk_usage",  # the results disk is full, /dev/shm is not
+                            lambda p: real(p)._replace(free=0) if "checkpoints" in str(p) else real(p))
+    res = cli(*train_args(data, tmp_path / "r", "--max-steps", "4", "--resume"))
+    one_line(res, 1, "step_0000004", "No space left on device", "earlier checkpoints are intact")
+    after = snapshot(tmp_path / "r" / "SiT-Ti-2-l4" / "checkpoints")
+    assert {k: v for k, v in after.items() if "step_0000002" in k} == before
+    assert not any(".tmp_" in k for k in after)
+
+
+def test_foreign_files_without_a_digest_load_as_they_are(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "x.safetensors"))
+    assert torch.equal(integrity.load_safetensors(tmp_path / "x.safetensors")["w"], torch.ones(2))
+    with pytest.raises(IntegrityError):
+        np.savez(tmp_path / "y.npz", pool=np.ones(2))
+        integrity.load_arrays(tmp_path / "y.npz")  # our caches always carry one
