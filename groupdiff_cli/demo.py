@@ -187,9 +187,9 @@ def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, 
     the classifier reads and its FID; the paired FID difference at the bottom."""
     from PIL import Image, ImageDraw
 
-    rows = [np.concatenate([_strip(grouped[k:k + group_size], zoom), np.full((8 * zoom, 12, 3), 255, np.uint8),
-                            _strip(single[k:k + group_size], zoom)], axis=1)
-            for k in range(0, len(grouped), group_size)]
+    sep = np.full((grouped.shape[1] * zoom, 12, 3), 255, np.uint8)
+    rows = [np.concatenate([_strip(grouped[k:k + group_size], zoom), sep, _strip(single[k:k + group_size], zoom)],
+                           axis=1) for k in range(0, len(grouped), group_size)]
     gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
     body = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
     label_w, head_h, foot_h = 24, 18, 40 if summary else 4

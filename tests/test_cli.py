@@ -34,7 +34,7 @@ def test_models_lists_every_registry_entry():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["models", "DiT-XXL/2"], "Error: unknown model 'DiT-XXL/2'; valid models: DiT-Ti/2, DiT-Ti/4"),
+        (["models", "DiT-XXL/2"], "Error: unknown model 'DiT-XXL/2'; valid models: DiT-Ti/1, DiT-Ti/2"),
         (["models", "--group-size", "17", "DiT-S/2"], "Error: group size 17 is outside [1, max_group_size=16]"),
         (["train", "--data", "nowhere"], "Error: --data nowhere: no such directory"),
     ],

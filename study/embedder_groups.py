@@ -7,7 +7,7 @@ N - 1 picks at or above the threshold, nearest if too few) and count the fractio
 group-mates that share the anchor's class (chance: 1/8). Also the fraction of random
 pairs that pass the threshold (near 1: similarity groups are random groups).
 
-    python bench/embedder_groups.py [--per-class 100] [--threshold 0.7] [--group-size 4]
+    python study/embedder_groups.py [--per-class 100] [--threshold 0.7] [--group-size 4]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main():
     import torch
     from safetensors.torch import save_file
 
-    from groupdiff_cli.demo import write_dataset
+    from shapes_dataset import write_dataset  # beside this script
     from groupdiff_cli.encode import EncodeConfig, encode
 
     ap = argparse.ArgumentParser()

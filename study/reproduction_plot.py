@@ -1,4 +1,4 @@
-"""The two figures and the table of the small-scale reproduction (bench/REPRODUCTION.md).
+"""The two figures and the table of the small-scale reproduction (study/README.md).
 
 Reads the `groupdiff study` outputs of each run (STUDY_DIR/NAME/study.csv: FID with its
 bootstrap interval, precision/recall, S_cross, merged with any further studies of the same
@@ -7,9 +7,9 @@ of the same run that measured S_cross only (--scross), plus the run's held-out l
 (eval.jsonl at --step). Where the studies have paired differences (fid_diff: FID(N) -
 FID(1) from the same seeds), a third figure shows them with their paired intervals. Where
 `fid --paired-with` wrote each run's difference from the baseline one by one
-(STUDY_DIR/cross_NAME_N<n>.json, as bench/gpu_study.sh does), a fourth figure shows them.
+(STUDY_DIR/cross_NAME_N<n>.json, as study/gpu_study.sh does), a fourth figure shows them.
 
-    python bench/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
+    python study/reproduction_plot.py --study STUDY_DIR --scross SCROSS_DIR --runs RUNS_DIR \
         --out bench/ [--names base,l_sim,l_rand,f_sim] [--step 1000] [--suffix _4000]
 """
 

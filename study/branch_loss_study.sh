@@ -5,9 +5,10 @@
 set -euo pipefail
 OUT=${OUT:-branch-study}
 mkdir -p "$OUT"
-python - "$OUT" <<'PY'
+python - "$OUT" "$(cd "$(dirname "$0")" && pwd)" <<'PY'
 import sys
-from groupdiff_cli.demo import write_dataset
+sys.path.insert(0, sys.argv[2])
+from shapes_dataset import write_dataset
 from groupdiff_cli.encode import EncodeConfig, encode
 out = sys.argv[1]
 for name, per_class, seed in (("train", 400, 0), ("heldout", 32, 1)):  # held-out images: another seed
@@ -22,4 +23,4 @@ COMMON=(--data "$OUT/data_train" --model SiT-Mi/4 --results-dir "$OUT/runs" --gr
 groupdiff train "${COMMON[@]}" --run-name A_l25 --group-mode l --group-ratio 0.25
 groupdiff train "${COMMON[@]}" --run-name B_l25_semb1 --group-mode l --group-ratio 0.25 --sample-embed-std 1.0
 groupdiff train "${COMMON[@]}" --run-name C_f --group-mode f
-python bench/branch_loss_plot.py "$OUT"/runs/*/ --out "$OUT/branch_loss.png"
+python study/branch_loss_plot.py "$OUT"/runs/*/ --out "$OUT/branch_loss.png"

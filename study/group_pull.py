@@ -1,4 +1,4 @@
-"""How far a grouped prediction is pulled towards its group-mates' (bench/REPRODUCTION.md,
+"""How far a grouped prediction is pulled towards its group-mates' (study/README.md,
 "Is it the estimate or the images?").
 
 Held-out images (an `encode`d set, in groups of the largest N as `branch_loss` lays them
@@ -16,7 +16,7 @@ Under CFG the conditional prediction is added (weight w) and the unconditional o
 subtracted (weight w - 1), so a pull in the conditional branch greys the samples and one
 in the unconditional branch sharpens them.
 
-    python bench/group_pull.py CKPT EVAL_DATA [--group-sizes 1,4,16] [--times 0.3,0.5,0.8]
+    python study/group_pull.py CKPT EVAL_DATA [--group-sizes 1,4,16] [--times 0.3,0.5,0.8]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ branch): per block, the attention mass from an image's queries onto its own keys
 averaged over queries, heads and images. Uniform attention over the group gives 1/N;
 an image that ignores its group-mates gives 1.
 
-    python bench/self_mass.py RUN_OR_CHECKPOINT HELDOUT_DATA [--images 64]
+    python study/self_mass.py RUN_OR_CHECKPOINT HELDOUT_DATA [--images 64]
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ This separates them from the pool features a `groupdiff study` keeps in each N{n
   data: per-image contrast (pixel standard deviation) and saturation (max - min over
   the colour channels), to see which way the images move.
 
-    python bench/group_correlation.py STUDY_DIR REF_STATS.npz [--block 16] [--ref-images IMAGES] [--json out.json]
+    python study/group_correlation.py STUDY_DIR REF_STATS.npz [--block 16] [--ref-images IMAGES] [--json out.json]
 """
 
 from __future__ import annotations

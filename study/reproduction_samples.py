@@ -3,7 +3,7 @@ to the same seeds one by one, with each side's FID: the demo's comparison figure
 study's samples (image i of a study has seed i and class (i // max N) mod classes, so
 the first max N x classes images hold one group per class, in class order).
 
-    python bench/reproduction_samples.py STUDY_DIR --out figure.png [--class-names 0,1,...]
+    python study/reproduction_samples.py STUDY_DIR --out figure.png [--class-names 0,1,...]
 """
 
 import argparse
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groupdiff_cli.demo import CLASSES, comparison_figure
+from groupdiff_cli.demo import comparison_figure
+from shapes_dataset import CLASSES  # beside this script
 
 
 def main():
@@ -35,7 +36,8 @@ def main():
         raise SystemExit(f"{a.study}: the first {take} images are not one group of {n} per class in class order")
     with open(a.study / "study.csv") as f:
         fids = {int(r["group_size"]): float(r["fid"]) for r in csv.DictReader(f) if r["fid"]}
-    fig = comparison_figure(imgs[n], imgs[1], n, {k: fids[k] for k in (1, n) if k in fids}, a.zoom, names)
+    print("FID: " + ", ".join(f"N={k}: {fids[k]:.2f}" for k in (n, 1) if k in fids))
+    fig = comparison_figure(imgs[n], imgs[1], n, None, a.zoom, names)
     Image.fromarray(fig).save(a.out)
     print(a.out)
 

@@ -6,7 +6,7 @@ Each image is scaled to 0-255 and enlarged 4x by pixel repetition to 32x32 RGB, 
 that one 4x4 patch of a /4 model is exactly one original pixel. Digits must not be
 mirrored: encode or train them with --no-flip.
 
-    python bench/digits_dataset.py digits_images   # -> digits_images/<digit>/<index>.png
+    python study/digits_dataset.py digits_images   # -> digits_images/<digit>/<index>.png
 """
 
 import argparse

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The small-scale reproduction of the paper's claims (bench/REPRODUCTION.md): four runs
+# The small-scale reproduction of the paper's claims (study/README.md): four runs
 # on the bundled shapes at equal steps and batch, then the group-size study of each.
 # On 2 CPU cores: about 6-8 minutes per 1,000-step run when nothing else runs, and
 # ~40 minutes for the evaluation (Inception at ~8 img/s is the bottleneck).
@@ -8,11 +8,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-reproduction}
 STEPS=${STEPS:-1000}
 mkdir -p "$OUT" && cd "$OUT"
-python - <<'PY'
-from groupdiff_cli.demo import write_dataset
-write_dataset("shapes_train", 400, seed=0)   # the demo's dataset: 8 classes x 400
-write_dataset("shapes_heldout", 32, seed=1)  # held-out images for the per-branch loss
-PY
+python "$HERE/shapes_dataset.py" shapes_train --per-class 400 --seed 0   # 8 classes x 400
+python "$HERE/shapes_dataset.py" shapes_heldout --per-class 32 --seed 1  # held-out images for the per-branch loss
 groupdiff encode shapes_train data_train --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
     --shard-size 1000 --cpu
 groupdiff encode shapes_heldout data_heldout --image-size 32 --vae pixel --embedder none --shard-size 1000 --cpu
@@ -47,9 +44,9 @@ done
 # the guidance scale
 groupdiff study --ckpt runs/l_sim/$CK --out study_cfg3/l_sim --group-sizes 1,4 --ref ref_stats.npz \
     --num-samples 1024 --cfg-scale 3.0 --sampler heun --steps 10 --bootstrap 30 --batch-size 256 --cpu
-python "$HERE/../bench/reproduction_plot.py" --study study --scross scross --runs runs --out .
+python "$HERE/reproduction_plot.py" --study study --scross scross --runs runs --out .
 
-# longer training (bench/REPRODUCTION.md, "Longer training"): all four runs to 4,000 steps, 2,048 samples
+# longer training (study/README.md, "Longer training"): all four runs to 4,000 steps, 2,048 samples
 LONG=(--data data_train --model SiT-Mi/4 --results-dir runs --group-size 4 --global-batch-size 64
       --group-buffer 3200 --lr 6e-3 --ema-decay 0.995 --ckpt-every 500 --keep-every 500 --log-every 50
       --eval-data data_heldout --eval-every 500 --max-steps 4000 --cpu --resume)
@@ -66,9 +63,9 @@ groupdiff study --ckpt runs/l_sim/$CK4 --out study4k/l_sim_N8 --group-sizes 8 "$
 groupdiff study --ckpt runs/base/$CK4 --out study4k/base --group-sizes 1 "${S4[@]}"
 groupdiff study --ckpt runs/l_rand/$CK4 --out study4k/l_rand --group-sizes 1,4 "${S4[@]}"
 groupdiff study --ckpt runs/f_sim/$CK4 --out study4k/f_sim --group-sizes 1,4 "${S4[@]}"
-python "$HERE/../bench/reproduction_plot.py" --study study4k --runs runs --step 4000 --suffix _4000 --out .
+python "$HERE/reproduction_plot.py" --study study4k --runs runs --step 4000 --suffix _4000 --out .
 # FID over training at 2,000 and 3,000 steps (N = 1, 1,024 samples; our runs were stopped after N = 1, so
-# REPRODUCTION.md has no N = 4 point from them); its 4,000-step point is the first 1,024 samples of
+# study/README.md has no N = 4 point from them); its 4,000-step point is the first 1,024 samples of
 # study4k/l_sim/N1 (groupdiff fid on an npz of them, --bootstrap 30)
 for step in 2000 3000; do
   groupdiff study --ckpt runs/l_sim/checkpoints/step_000$step --out study_$step/l_sim --group-sizes 1,4 \
@@ -104,13 +101,13 @@ groupdiff study --ckpt runs/l_sim/$CK4 --out paired4k/l_sim --group-sizes 1,2,4,
 groupdiff study --ckpt runs/l_rand/$CK4 --out paired4k/l_rand --group-sizes 1,4 "${S4[@]}"
 groupdiff study --ckpt runs/f_sim/$CK4 --out paired4k/f_sim --group-sizes 1,4 "${S4[@]}"
 # the third figure, reproduction_fid_diff_4000.png (its other two outputs are the same as study4k's)
-python "$HERE/../bench/reproduction_plot.py" --study paired4k --names l_sim,l_rand,f_sim --step 4000 --suffix _4000 --out paired4k
+python "$HERE/reproduction_plot.py" --study paired4k --names l_sim,l_rand,f_sim --step 4000 --suffix _4000 --out paired4k
 
 # ---- session 7: a small real image set, scikit-learn's handwritten digits ----
 # 1,797 images of 8x8 pixels, 10 classes, enlarged 4x to 32x32 (one /4 patch = one pixel);
 # never flipped. Baseline and GroupDiff-l-4 with similarity groups, the shapes recipe, 2,000 steps.
 pip install scikit-learn
-python "$HERE/../bench/digits_dataset.py" digits/images
+python "$HERE/digits_dataset.py" digits/images
 groupdiff encode digits/images digits/data --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
     --shard-size 1000 --no-flip --cpu
 groupdiff fid digits/images --save-ref-stats digits/ref_stats.npz --cpu  # the FID reference: all 1,797 images
@@ -121,8 +118,8 @@ groupdiff train "${DIG[@]}" --run-name l_sim --grouping similarity
 SD=(--ref digits/ref_stats.npz --num-samples 2048 --cfg-scale 1.5 --sampler heun --steps 10 --bootstrap 50 --batch-size 256 --cpu)
 groupdiff study --ckpt digits/runs/l_sim/checkpoints/step_0002000 --out digits/study/l_sim --group-sizes 1,4,16 "${SD[@]}"
 groupdiff study --ckpt digits/runs/base/checkpoints/step_0002000 --out digits/study/base --group-sizes 1 "${SD[@]}"
-python "$HERE/../bench/reproduction_plot.py" --study digits/study --names base,l_sim --step 2000 --suffix _digits --out .
-python "$HERE/../bench/reproduction_samples.py" digits/study/l_sim --class-names 0,1,2,3,4,5,6,7,8,9 --out reproduction_digits_samples.png
+python "$HERE/reproduction_plot.py" --study digits/study --names base,l_sim --step 2000 --suffix _digits --out .
+python "$HERE/reproduction_samples.py" digits/study/l_sim --class-names 0,1,2,3,4,5,6,7,8,9 --out reproduction_digits_samples.png
 
 # ---- session 8: paired differences between runs (`fid --paired-with`) ----
 # The baseline one by one with l_rand's and f_sim's label order (image i: seed i, class (i // 4) mod 8),
@@ -152,7 +149,7 @@ for r in l_sim l_rand f_sim; do for n in 1 2 4 8 16; do
 done; done
 # the figures reproduction_*_4000_all.png (the baseline's point: its session-6 study, another label order)
 ln -s ../study4k/base paired16/base_s6
-python "$HERE/../bench/reproduction_plot.py" --study paired16 --names base,l_sim,l_rand,f_sim --step 4000 --suffix _4000_all --out .
+python "$HERE/reproduction_plot.py" --study paired16 --names base,l_sim,l_rand,f_sim --step 4000 --suffix _4000_all --out .
 
 # ---- session 10: why joint sampling hurts GroupDiff-f (N = 4, paired with f_sim one by one) ----
 C=(--ckpt runs/f_sim/$CK4 --num-samples 2048 --align-labels 16 --sampler heun --steps 10 --batch-size 256 --cpu)
@@ -170,25 +167,25 @@ groupdiff study --ckpt runs/f_sim/$CK4 --out st/f_sim --group-sizes 1,4,16 "${S4
 groupdiff sample "${C[@]}" --out st/f_sim_c1/N16 --group-size 16 --cond-group-size 1 --cfg-scale 1.5
 groupdiff fid st/f_sim_c1/N16 "${P16[@]}" --paired-with st/f_sim/N1
 ln -sfn ../f_sim/N1 st/f_sim_c1/N1
-groupdiff study --ckpt "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" --out st/l_sim \
+groupdiff study --ckpt runs/l_sim/$CK4 --out st/l_sim \
     --group-sizes 1,16 "${S4[@]}" --align-labels 16
 for s in f_sim f_sim_c1 l_sim; do
-  python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
+  python "$HERE/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
 done
-python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 data_heldout
-python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" data_heldout
+python "$HERE/group_pull.py" runs/f_sim/$CK4 data_heldout
+python "$HERE/group_pull.py" runs/l_sim/$CK4 data_heldout
 for step in 1000 2000 3000; do  # the pull over training
-  python "$HERE/../bench/group_pull.py" runs/f_sim/checkpoints/step_000$step data_heldout --times 0.5,0.8
+  python "$HERE/group_pull.py" runs/f_sim/checkpoints/step_000$step data_heldout --times 0.5,0.8
 done
 
-# ---- session 12: why grouped predictions are pulled (bench/REPRODUCTION.md, "Trained on alike mates") ----
+# ---- session 12: why grouped predictions are pulled (study/README.md, "Trained on alike mates") ----
 # the held-out shapes again, with embeddings, so that group_pull.py lays them out in similarity groups
 groupdiff encode shapes_heldout data_heldout_emb --image-size 32 --vae pixel --embedder inception --embedder-size 96 \
     --shard-size 1000 --cpu
 for d in data_heldout data_heldout_emb; do  # class groups (as sampled), similarity groups (as trained)
-  python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,4 --times 0.5,0.8
-  python "$HERE/../bench/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,16 --times 0.8
-  python "$HERE/../bench/group_pull.py" "$HERE/../groupdiff_cli/pretrained/shapes-sit-mi4-l4/checkpoints/step_0004000" \
+  python "$HERE/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,4 --times 0.5,0.8
+  python "$HERE/group_pull.py" runs/f_sim/$CK4 $d --group-sizes 1,16 --times 0.8
+  python "$HERE/group_pull.py" runs/l_sim/$CK4 \
       $d --group-sizes 1,4,16 --times 0.8
 done
 # GroupDiff-f trained with class groups, the groups sampling forms (LONG without its final --resume: new runs)
@@ -199,21 +196,21 @@ groupdiff study --ckpt runs/f_class/$CK4 --out st/f_class --group-sizes 1,4,16 "
 # its grouped branch's pull and its study
 groupdiff train "${FRESH[@]}" --run-name l_rand --group-mode l --group-ratio 0.25 --grouping random
 for d in data_heldout data_heldout_emb; do
-  python "$HERE/../bench/group_pull.py" runs/l_rand/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
+  python "$HERE/group_pull.py" runs/l_rand/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
 done
 groupdiff study --ckpt runs/l_rand/$CK4 --out st/l_rand --group-sizes 1,16 "${S4[@]}" --align-labels 16
 for s in f_class l_rand; do
-  python "$HERE/../bench/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
+  python "$HERE/group_correlation.py" st/$s ref_stats.npz --bootstrap 30 --repeats 4 --ref-images ref_images.npz
 done
-python "$HERE/../bench/group_pull.py" runs/f_class/$CK4 data_heldout --group-sizes 1,4,16 --times 0.3,0.5,0.8,0.95
+python "$HERE/group_pull.py" runs/f_class/$CK4 data_heldout --group-sizes 1,4,16 --times 0.3,0.5,0.8,0.95
 
-# ---- session 13: GroupDiff-l trained with class groups (bench/REPRODUCTION.md, "Class groups for GroupDiff-l") ----
+# ---- session 13: GroupDiff-l trained with class groups (study/README.md, "Class groups for GroupDiff-l") ----
 groupdiff train "${FRESH[@]}" --run-name l_class --group-mode l --group-ratio 0.25 --grouping class
 for d in data_heldout data_heldout_emb; do
-  python "$HERE/../bench/group_pull.py" runs/l_class/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
+  python "$HERE/group_pull.py" runs/l_class/$CK4 $d --group-sizes 1,4,16 --times 0.5,0.8
 done
 groupdiff study --ckpt runs/l_class/$CK4 --out st/l_class --group-sizes 1,16 "${S4[@]}" --align-labels 16
-python "$HERE/../bench/group_correlation.py" st/l_class ref_stats.npz --ref-images ref_images.npz
+python "$HERE/group_correlation.py" st/l_class ref_stats.npz --ref-images ref_images.npz
 # GroupDiff-f on the digits (session 7's data and reference), similarity groups and class groups, 2,000 steps each;
 # the digits once more without embeddings, so that group_pull.py lays them out in class groups
 groupdiff encode digits/images digits/data_noemb --image-size 32 --vae pixel --embedder none --shard-size 1000 --no-flip --cpu
@@ -221,9 +218,9 @@ groupdiff train "${DIG[@]}" --run-name f_sim --group-mode f --grouping similarit
 groupdiff train "${DIG[@]}" --run-name f_class --group-mode f --grouping class
 for r in f_sim f_class; do
   for d in data_noemb data; do  # class groups, similarity groups (of the training images: the digits have no held-out set)
-    python "$HERE/../bench/group_pull.py" digits/runs/$r/checkpoints/step_0002000 digits/$d --group-sizes 1,4,16 --times 0.5,0.8
+    python "$HERE/group_pull.py" digits/runs/$r/checkpoints/step_0002000 digits/$d --group-sizes 1,4,16 --times 0.5,0.8
   done
   sizes=1,16; [ $r = f_sim ] && sizes=1,4,16
   groupdiff study --ckpt digits/runs/$r/checkpoints/step_0002000 --out digits/study/$r --group-sizes $sizes "${SD[@]}" --align-labels 16
-  python "$HERE/../bench/group_correlation.py" digits/study/$r digits/ref_stats.npz --ref-images digits/images
+  python "$HERE/group_correlation.py" digits/study/$r digits/ref_stats.npz --ref-images digits/images
 done
