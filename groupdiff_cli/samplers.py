@@ -144,8 +144,9 @@ def flow_heun(objective, denoiser, x, noise, steps):
     return x
 
 
-@sampler("dopri5", "flow", None, "adaptive Dormand-Prince through torchdiffeq at SiT's tolerances, SiT's ODE "
-                                 "default; --steps does not apply")
+@sampler("dopri5", "flow", None, "adaptive Dormand-Prince through torchdiffeq at SiT's tolerances, as SiT's ODE "
+                                 "sampler but with time clamped to [0, 1] (SiT's evaluates past it; ~1e-4 apart); "
+                                 "--steps does not apply")
 def flow_dopri5(objective, denoiser, x, noise, steps):
     """From t = 1 to t = 0 with the adaptive step sizes of torchdiffeq's dopri5 at
     SiT's tolerances (atol 1e-6, rtol 1e-3); --steps does not apply. torchdiffeq's
