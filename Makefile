@@ -18,8 +18,10 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/groupdiff demo --out demo-out
 
+# every CPU benchmark, one after the other (bench/RESULTS.md); one of them: make bench BENCHES=model
+BENCHES ?= model sample train loader encode fid demo
 bench: $(VENV)/.installed
-	$(PY) bench/model_bench.py
+	for b in $(BENCHES); do echo "== bench/$${b}_bench.py"; $(PY) bench/$${b}_bench.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -7,7 +7,7 @@ alternate; the medians are compared.
 
     python bench/encode_bench.py [--images 256] [--image-size 64] [--repeats 2]
 
-Target (issue 3): pipeline >= 0.8x of VAE-alone images/s on this CPU with a small VAE.
+Target: pipeline >= 0.8x of VAE-alone images/s on this CPU with a small VAE.
 The VAE has random weights (speed does not depend on them).
 """
 

@@ -6,7 +6,7 @@ every image. Runs alternate so that machine noise hits both alike.
 
     python bench/fid_bench.py [--images 100] [--batch-size 50] [--repeats 2]
 
-Target (issue 6): ours >= 0.95x torch-fidelity's images/s.
+Target: ours >= 0.95x torch-fidelity's images/s.
 Weights are random (nothing can be downloaded here); speed does not depend on them.
 
     python bench/fid_bench.py --frechet [--repeats 3]

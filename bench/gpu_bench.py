@@ -15,7 +15,7 @@ depend on them), bf16 autocast for training and sampling:
   fid       Inception (torch-fidelity's FID network) feature extraction img/s
 Each figure sits next to its anchor: the card's dense bf16 peak (MFU = 3 x forward
 FLOPs x img/s / peak) and DiT's published training speed (~26 img/s per A100 for
-DiT-XL/2, the anchor named in issue 14). Writes OUT/gpu_bench.json and OUT/gpu_bench.md
+DiT-XL/2, the usual anchor). Writes OUT/gpu_bench.json and OUT/gpu_bench.md
 with the card's name.
 
     python bench/gpu_bench.py --out bench-out          # on a GPU

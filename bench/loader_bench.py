@@ -14,7 +14,7 @@ GroupDiff-f (N = 4), one process, one thread for NumPy/torch:
 
     python bench/loader_bench.py [--windows 3] [--consume 2900] [--baseline-rev REV]
 
-Targets (issue 14): >= 3,000 img/s per process for a whole window in both modes, and
+Targets: >= 3,000 img/s per process for a whole window in both modes, and
 no wait over 50 ms after the first window.
 """
 

@@ -11,7 +11,7 @@ subprocess, peak RSS growth during one forward+backward).
 
     python bench/model_bench.py [--models DiT-S/2,DiT-B/2] [--repeats 3]
 
-Targets (issue 2): ours/bare ratio within 1.05x; peak memory at N=16 <= 1.3x N=1.
+Targets: ours/bare ratio within 1.05x; peak memory at N=16 <= 1.3x N=1.
 """
 
 from __future__ import annotations

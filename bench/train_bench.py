@@ -9,7 +9,7 @@
 
     python bench/train_bench.py [--batch 16] [--steps 3]
 
-Target (issue 4): pipeline >= 10x the images/s the training step consumes.
+Target: pipeline >= 10x the images/s the training step consumes.
 """
 
 from __future__ import annotations

