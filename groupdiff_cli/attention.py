@@ -230,8 +230,7 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
                              f"measure at; measure S_cross with a fixed-step sampler")
         model = model.to(state.device)
         objective = job_objective(job, model)
-        guidance = Guidance(job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
-                            job.uncond_group_size)
+        guidance = Guidance.of_job(job)
         bad = [s for s in (at_steps or []) if not 0 <= s < evals]
         if bad:
             raise ValueError(f"--at-steps {bad[0]} is outside [0, {evals - 1}] (network evaluations of this sampler)")

@@ -1,5 +1,6 @@
-"""Where models live on disk: our run directories and official DiT/SiT files. This
-module writes, finds, prunes and reads checkpoints; nothing else spells the layout.
+"""Where our models live on disk: run directories and their checkpoints. This module
+writes, finds, prunes, reads and exports them, and nothing else spells the layout;
+``load_model`` also takes an official DiT/SiT file, which ``models.load_pretrained`` reads.
 
 A run directory (written by `groupdiff train`)::
 
@@ -44,6 +45,21 @@ WEIGHT_FILES = dict(zip(WEIGHTS, (EMA_FILE, MODEL_FILE)))  # defaults.WEIGHTS: (
 
 def checkpoint_step(ckpt_dir: Path) -> int:
     return int(Path(ckpt_dir).name[len(CHECKPOINT_PREFIX):])
+
+
+def step_of(path) -> int | None:
+    """The step of a checkpoint directory or of a file in one; None for anything else."""
+    for p in (Path(path), *Path(path).parents[:1]):
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit():
+            return checkpoint_step(p)
+    return None
+
+
+def is_ours(path) -> bool:
+    """A run directory, one of its checkpoint directories, or a weights file in one (as
+    opposed to an official DiT/SiT file)."""
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".safetensors" and path.parent.name.startswith(CHECKPOINT_PREFIX)
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, DEMO_BOOTSTRAP,
                                     DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_SAMPLE_STEPS, GROUP_MODES, GROUPINGS,
-                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
+                                    MAX_BOOTSTRAP, STUDY_GROUP_SIZES, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
@@ -277,10 +277,7 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
             options[key] = value
     opts = TrainOptions(**options)
     main_process = process_state(opts.cpu).is_main_process
-    try:
-        result = run_train(opts, resume=resume, log=lambda m: main_process and click.echo(m, err=True))
-    except FloatingPointError as e:  # not a usage error: exit code 1
-        raise click.ClickException(str(e)) from None
+    result = run_train(opts, resume=resume, log=lambda m: main_process and click.echo(m, err=True))
     if result.get("stopped_by"):
         if main_process:
             click.echo(f"{result['stopped_by']}: stopped at step {result['step']} with a checkpoint in "
@@ -577,7 +574,7 @@ def demo(out_dir, from_scratch, group_size, groups_per_class, cfg_scale, sample_
 @click.option("--ref", default=None, type=click.Path(path_type=str),
               help="FID reference (as for `fid`); without it only S_cross is measured.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--group-sizes", default="1,2,4,8,16", show_default=True, metavar="N,N,...")
+@click.option("--group-sizes", default=",".join(map(str, STUDY_GROUP_SIZES)), show_default=True, metavar="N,N,...")
 @click.option("--num-samples", default=1024, show_default=True, type=click.IntRange(1),
               help="Images per group size (50000 for the paper's protocol).")
 @click.option("--align-labels", type=click.IntRange(1), default=None, metavar="M",

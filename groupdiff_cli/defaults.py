@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 GROUP_MODES = ("l", "f", "none")  # GroupDiff-l, GroupDiff-f, plain DiT/SiT
 GROUPINGS = ("similarity", "class", "random")
 MAX_GROUP_SIZE = 16  # rows of the sample-embedding table: the largest group a model can run
+STUDY_GROUP_SIZES = (1, 2, 4, 8, 16)  # the group sizes `study` and the held-out evaluation measure
 
 # ---- sampling --------------------------------------------------------------
 CFG_SCALE = 1.5  # DiT/SiT's FID setting

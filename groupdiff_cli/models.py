@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
@@ -158,13 +159,11 @@ class GroupAttention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B*N, L, D) tokens of a run -> q, k, v each (B, heads, N*L, head_dim)."""
-        bn, length, dim = x.shape
-        qkv = self.qkv(x).view(bn // n, n * length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
+        # a group's N images are one sequence: a view of the batch, no copy
+        return rearrange(self.qkv(x), "(b n) l (three h d) -> three b h (n l) d", n=n, three=3,
+                         h=self.num_heads).unbind(0)
 
     def forward(self, x: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        bn, length, dim = x.shape
         outs = []
         start = 0
         for count, n in runs:
@@ -172,7 +171,7 @@ class GroupAttention(nn.Module):
             if self.probe is not None and n > 1:
                 self.probe(q, k, n)
             o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N*L, head_dim)
-            outs.append(o.transpose(1, 2).reshape(count, length, dim))
+            outs.append(rearrange(o, "b h (n l) d -> (b n) l (h d)", n=n))
             start += count
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         return self.proj(out)
@@ -292,18 +291,19 @@ class GroupDiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, p*p*C) -> (B, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        p = self.patch_size
+        h = int(x.shape[1] ** 0.5)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
 
     def draw_sample_ids(self, runs: tuple[tuple[int, int], ...], device, generator: torch.Generator | None = None):
         """Distinct sample-embedding rows per group: the first N entries of a fresh
         random permutation of the ``max_group_size`` rows, one permutation per group."""
         ids = []
+        # torch.rand's overload with a generator argument takes no symbolic sizes, which
+        # torch.compile uses once it has seen a second group layout: pass it only when given
+        seeded = {} if generator is None else dict(generator=generator)
         for count, n in runs:
-            perm = torch.rand(count // n, self.max_group_size, device=device, generator=generator).argsort(dim=1)
+            perm = torch.rand(count // n, self.max_group_size, device=device, **seeded).argsort(dim=1)
             ids.append(perm[:, :n].reshape(-1))
         return ids[0] if len(ids) == 1 else torch.cat(ids)
 

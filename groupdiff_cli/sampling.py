@@ -69,6 +69,11 @@ class Guidance:
     def active(self, t: float) -> bool:
         return self.scale != 1.0 and self.interval[0] <= t <= self.interval[1]
 
+    @classmethod
+    def of_job(cls, job) -> "Guidance":
+        return cls(job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
+                   job.uncond_group_size)
+
 
 def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, single_ids, group_ids):
     """(x, the objective's time) -> its prediction, with CFG and group sizes: the
@@ -176,11 +181,11 @@ def aligned_labels(num_samples: int, group_size: int, block: int, num_classes: i
 def ema_warning(info: dict, weights: str, warn) -> None:
     """Warn when the EMA weights are still mostly the initial ones: after s steps at
     decay d, a fraction d**s of the EMA is the initialisation."""
-    decay, ckpt = info.get("train", {}).get("ema_decay"), Path(info.get("checkpoint", ""))
-    found = [p for p in (ckpt, *ckpt.parents[:2]) if p.name.startswith("step_")]
-    if weights != "ema" or decay is None or not found:
+    from groupdiff_cli.checkpoints import step_of
+
+    decay, step = info.get("train", {}).get("ema_decay"), step_of(info.get("checkpoint", ""))
+    if weights != "ema" or decay is None or step is None:
         return
-    step = int(found[0].name[len("step_"):])
     left = decay ** step
     if left > 0.1:
         warn(f"warning: the EMA (decay {decay}) has seen {step} steps: {left:.0%} of its weights are still the "
@@ -372,8 +377,7 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
 
     groups_per_batch = max(1, batch_size // job.group_size)
     g0, g1 = k * job.chunk_groups, min((k + 1) * job.chunk_groups, len(job.labels))
-    guidance = Guidance(job.cfg_scale, job.cfg_channels, tuple(job.guidance_interval), job.cond_group_size,
-                        job.uncond_group_size)
+    guidance = Guidance.of_job(job)
     images = []
     for b0 in range(g0, g1, groups_per_batch):
         b1 = min(b0 + groups_per_batch, g1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groupdiff_cli.defaults import CFG_SCALE
+from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
 from groupdiff_cli.sampling import LABELS_FILE
 
 
@@ -36,7 +36,7 @@ def label_block(group_sizes, num_samples: int, align_labels: int | None = None) 
     return block
 
 
-def run_study(ckpt, ref, out_dir, group_sizes=(1, 2, 4, 8, 16), num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
+def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
               log=print) -> list[dict]:

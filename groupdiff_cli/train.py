@@ -22,7 +22,7 @@ from groupdiff_cli import __version__
 from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, load_training_state,
                                        prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data import GroupBatches, read_dataset
-from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, TrainOptions
+from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, STUDY_GROUP_SIZES, TrainOptions
 from groupdiff_cli.distributed import StopSignals, take_job_lock
 from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
 from groupdiff_cli.models import MODELS, create_model, load_pretrained
@@ -88,7 +88,7 @@ def _heldout_eval(o: TrainOptions, info: dict, ema, objective, run_dir: Path):
     weights (what `sample` uses) to RUN/eval.jsonl (see `branch_loss`)."""
     from groupdiff_cli.branch_loss import branch_losses, heldout_latents
 
-    sizes = [n for n in (1, 2, 4, 8, 16) if n <= o.max_group_size]
+    sizes = [n for n in STUDY_GROUP_SIZES if n <= o.max_group_size]
     x0, labels = heldout_latents(info, o.eval_images, max(sizes), o.similarity_threshold, o.seed)
 
     def evaluate(step: int) -> float:
@@ -403,10 +403,10 @@ def _initial_model(o: TrainOptions, overrides: dict, log, resuming: bool):
                 gen = torch.Generator().manual_seed(derived_seed(o.seed, Stream.SAMPLE_EMBED_INIT))
                 model.s_embedder.weight.normal_(0, o.sample_embed_std, generator=gen)
         return model
-    from groupdiff_cli.checkpoints import CHECKPOINT_PREFIX, load_model
+    from groupdiff_cli.checkpoints import is_ours, load_model
 
     path = Path(o.init_from)
-    ours = path.is_dir() or path.suffix == ".safetensors" and path.parent.name.startswith(CHECKPOINT_PREFIX)
+    ours = is_ours(path)
     if ours:
         src, _ = load_model(path, "ema")
     else:
