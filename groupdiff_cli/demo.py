@@ -15,11 +15,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from groupdiff_cli import fid
+from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step, load_model
 from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
                                     DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, write_digits
-from groupdiff_cli.files import write_json_atomic
+from groupdiff_cli.encode import EncodeConfig, encode
+from groupdiff_cli.files import atomic_path, write_json_atomic
+from groupdiff_cli.sampling import SAMPLES_FILE, build_job, run_sampling
+from groupdiff_cli.train import TrainOptions, train
 
 DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped weights and of --from-scratch
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
@@ -33,15 +39,11 @@ CLASS_NAMES = [str(d) for d in range(10)]
 
 def digits_reference(out: Path, extractor, log) -> Path:
     """FID statistics of the 1,797 real digits (from the shipped features when they fit)."""
-    from groupdiff_cli import fid
-
     stats = out / f"digits_fid_stats_{extractor.weights['sha256'][:12]}.npz"
     if stats.exists():
         return stats
     images = out / "digits_rgb.npz"
     if not images.exists():
-        from groupdiff_cli.files import atomic_path
-
         with atomic_path(images) as tmp:
             np.savez(tmp, arr_0=np.repeat(load_digits()[0][..., None], 3, -1))
     try:
@@ -56,8 +58,6 @@ def digits_reference(out: Path, extractor, log) -> Path:
 
 
 def _encode(digits: Path, data: Path) -> None:
-    from groupdiff_cli.encode import EncodeConfig, encode
-
     if not (data / "dataset.json").exists():
         encode(digits, data, EncodeConfig(src=str(digits), image_size=8, vae="pixel", embedder="none", flip=False,
                                           shard_size=1000), batch_size=256, num_workers=0, cpu=True,
@@ -66,9 +66,6 @@ def _encode(digits: Path, data: Path) -> None:
 
 def _train(data: Path, runs: Path, name: str, steps: int, batch: int) -> Path:
     """The demo's recipe (the digits-l4 preset); resumes what an earlier run left."""
-    from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step
-    from groupdiff_cli.train import TrainOptions, train
-
     run = runs / name
     done = [checkpoint_step(p) for p in checkpoint_dirs(run)]
     if not any(s >= steps for s in done):
@@ -81,8 +78,6 @@ def _train(data: Path, runs: Path, name: str, steps: int, batch: int) -> Path:
 
 def _sample(loaded, run: Path, out: Path, group_size: int, labels: list[int], cfg_scale: float,
             steps: int) -> np.ndarray:
-    from groupdiff_cli.sampling import SAMPLES_FILE, build_job, run_sampling
-
     job, model = build_job(run, group_size=group_size, class_labels=labels, cfg_scale=cfg_scale, sampler=DEMO_SAMPLER,
                            steps=steps, seed=0, loaded=loaded, warn=lambda m: None)
     run_sampling(job, model, out, batch_size=256, cpu=True)
@@ -94,9 +89,6 @@ def compare(run, out: Path, ref_dir: Path, group_size: int, groups_per_class: in
             inception_weights, bootstrap: int, log) -> dict:
     """Every class in groups of ``group_size`` and the same seeds one by one: what the
     classifier reads and the FID of each side, with the paired interval of the difference."""
-    from groupdiff_cli import fid
-    from groupdiff_cli.checkpoints import load_model
-
     loaded = load_model(run)
     groups = [c for c in range(len(CLASS_NAMES)) for _ in range(groups_per_class)]
     joint = _sample(loaded, run, out / f"N{group_size}", group_size, groups, cfg_scale, steps)
@@ -129,8 +121,6 @@ def run_demo(out, *, from_scratch: int | None = None, group_size: int = 16, grou
     """The comparison (shipped weights, or a model trained here for ``from_scratch``
     steps) and the small chain from scratch; writes OUT/groups_vs_single.png and
     OUT/summary.json and returns the summary. Every stage resumes when rerun."""
-    from PIL import Image
-
     t0 = time.perf_counter()
     out = Path(out)
 
@@ -141,8 +131,6 @@ def run_demo(out, *, from_scratch: int | None = None, group_size: int = 16, grou
     _encode(digits, out / "data")
     say(f"encoded the {len(load_digits()[1])} real digits at 8x8: {out / 'data'}")
     chain = _train(out / "data", out / "runs", "chain", chain_steps, DEMO_CHAIN_BATCH)
-    from groupdiff_cli.checkpoints import load_model
-
     _sample(load_model(chain), chain, out / "chain_samples", group_size, [0], cfg_scale, sample_steps)
     say(f"trained {DEMO_MODEL} for {chain_steps} steps from scratch and sampled a group of {group_size} from it "
         f"(the chain runs here; too short to draw digits): {out / 'chain_samples'}")
@@ -185,8 +173,6 @@ def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, 
     """One row per group (its class on the left): the jointly sampled group, then the same
     seeds sampled one by one; each half headed by how it was sampled and footed by what
     the classifier reads and its FID; the paired FID difference at the bottom."""
-    from PIL import Image, ImageDraw
-
     sep = np.full((grouped.shape[1] * zoom, 12, 3), 255, np.uint8)
     rows = [np.concatenate([_strip(grouped[k:k + group_size], zoom), sep, _strip(single[k:k + group_size], zoom)],
                            axis=1) for k in range(0, len(grouped), group_size)]

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from groupdiff_cli.files import read_json_file, write_json_atomic
+from groupdiff_cli.integrity import load_safetensors, save_safetensors
+
 HERE = Path(__file__).resolve().parent / "pretrained"
 DIGITS_NPZ = HERE / "digits" / "digits.npz"
 CLASSIFIER = HERE / "digits-classifier"
@@ -64,7 +67,6 @@ def heldout_split(labels: np.ndarray, per_class: int = HELDOUT, seed: int = SPLI
 
 class DigitClassifier(nn.Module):
     """Two 3x3 convolutions and a linear read-out over 8x8 grey images in [0, 1]."""
-
     def __init__(self, width: int = 32, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
@@ -111,9 +113,6 @@ def classify(model: DigitClassifier, images: np.ndarray) -> np.ndarray:
 def build_classifier(out=CLASSIFIER) -> dict:
     """Train the classifier on the digits less the held-out split and write its weights
     and its held-out accuracy to ``out`` (what ships in the package)."""
-    from groupdiff_cli.files import write_json_atomic
-    from groupdiff_cli.integrity import save_safetensors
-
     images, labels = load_digits()
     held = heldout_split(labels)
     model = train_classifier(images[~held], labels[~held])
@@ -129,9 +128,6 @@ def build_classifier(out=CLASSIFIER) -> dict:
 
 def load_classifier(path=CLASSIFIER) -> tuple[DigitClassifier, dict]:
     """The shipped classifier and its record (held-out accuracy)."""
-    from groupdiff_cli.files import read_json_file
-    from groupdiff_cli.integrity import load_safetensors
-
     path = Path(path)
     model = DigitClassifier()
     model.load_state_dict(load_safetensors(path / "classifier.safetensors"))
