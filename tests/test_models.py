@@ -291,7 +291,7 @@ def test_a_compiled_model_runs_new_group_layouts_without_sample_ids():
     model = create_model("SiT-Mi/2", input_size=8, in_channels=3, num_classes=10, max_group_size=8).eval()
     compiled = torch.compile(model)
     x, t, y = torch.randn(8, 3, 8, 8), torch.rand(8), torch.randint(0, 10, (8,))
-    for sizes in (4, 2, 8, [1, 1, 2, 4]):
+    for sizes in (4, 2):  # the second layout is the one that made the size symbolic
         torch.manual_seed(0)
         out = compiled(x, t, y, group_size=sizes)
         torch.manual_seed(0)
