@@ -217,7 +217,7 @@ def bench_vae(cfg, device) -> dict:
 
 @torch.no_grad()
 def bench_fid(cfg, device) -> dict:
-    from groupdiff_cli.fid import InceptionFeatures
+    from groupdiff_cli.inception import InceptionFeatures
     from groupdiff_cli.testing import write_random_inception_weights
 
     with tempfile.TemporaryDirectory() as d:

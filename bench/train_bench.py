@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from groupdiff_cli.data import GroupBatches, read_dataset
+from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
 from groupdiff_cli.train import TrainOptions, train
 
 
@@ -78,7 +78,8 @@ def main():
         # 2. the data pipeline alone, one thread, similarity grouping (GroupDiff-l)
         torch.set_num_threads(1)
         info = read_dataset(d / "data")
-        gb = GroupBatches(info, 0, 1, 256, 4, "l", 0.1, "similarity", 0.7, 2048, 0, 100)
+        gb = GroupBatches(info, GroupRecipe("l", 4, 0.1, "similarity", 0.7),
+                          batch_size=256, window=2048, seed=0, num_classes=100)
         t0 = time.perf_counter()
         n = 0
         for i in range(16):  # two windows of 2048

@@ -23,6 +23,11 @@ import numpy as np
 import torch
 
 from groupdiff_cli.defaults import CFG_SCALE
+from groupdiff_cli.distributed import process_state
+from groupdiff_cli.files import write_json_atomic
+from groupdiff_cli.samplers import evaluations
+from groupdiff_cli.sampling import Guidance, build_job, grid_image, job_objective, sample_groups
+from groupdiff_cli.vae import decode, load_vae
 
 
 @torch.no_grad()
@@ -62,8 +67,10 @@ def s_cross(p: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def probes(model, record):
     """Call ``record(block_index, n, P)`` for every group run above size 1 in every
-    block while the context is active and ``record.active`` is true."""
+    block while the context is active and ``record.active`` is true, and
+    ``record.next_evaluation()`` before each call of the model (a ``Recorder``)."""
     blocks = list(model.blocks)
+    counter = model.register_forward_pre_hook(lambda _module, _args: record.next_evaluation())
 
     def make(i):
         def probe(q, k, n):
@@ -78,6 +85,7 @@ def probes(model, record):
     finally:
         for blk in blocks:
             blk.attn.probe = None
+        counter.remove()
 
 
 class Recorder:
@@ -106,9 +114,6 @@ def measure(model, objective, group_size: int, num_groups: int, guidance, seed: 
 
     Returns (per-(evaluation, block) stacked P of every measured group, latents of the
     first group, the evaluations measured)."""
-    from groupdiff_cli.sampling import sample_groups
-    from groupdiff_cli.samplers import evaluations
-
     at = set(at_steps if at_steps is not None else default_steps(evaluations(sampler, steps)))
     num_classes = num_classes or model.num_classes
     labels_all = [g % num_classes for g in range(num_groups)]
@@ -118,19 +123,9 @@ def measure(model, objective, group_size: int, num_groups: int, guidance, seed: 
         g1 = min(g0 + batch_groups, num_groups)
         rec = Recorder(at)
         labels = torch.tensor(labels_all[g0:g1]).repeat_interleave(group_size)
-        original = model.forward
-
-        def counted(*a, **kw):
-            rec.next_evaluation()
-            return original(*a, **kw)
-
-        model.forward = counted
-        try:
-            with probes(model, rec):
-                z = sample_groups(model, objective, labels, g0 * group_size, group_size, guidance, seed, sampler,
-                                  steps, device)
-        finally:
-            del model.forward  # back to the class's method
+        with probes(model, rec):
+            z = sample_groups(model, objective, labels, g0 * group_size, group_size, guidance, seed, sampler,
+                              steps, device)
         if first is None:
             first = z[:group_size]
         for key, ps in rec.p.items():
@@ -161,6 +156,7 @@ def summarize(p_by_key: dict) -> dict:
 def plot(report: dict, examples: dict, out: Path) -> list[str]:
     """S_cross against block and against step per group size; for each group size the
     example group's P matrix next to its images. Returns the files written."""
+    # lazy: matplotlib adds ~1 s to start-up and only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,8 +185,6 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
         a1.set_xlabel("j")
         a1.set_ylabel("i")
         fig.colorbar(im, ax=a1)
-        from groupdiff_cli.sampling import grid_image
-
         a2.imshow(grid_image(images))
         a2.set_title("the group (row-major: image 0, 1, ...)")
         a2.axis("off")
@@ -206,12 +200,6 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
                   steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
                   cpu=False) -> dict:
     """The `groupdiff attention` job: measure, summarise, draw; returns the report."""
-    from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.files import write_json_atomic
-    from groupdiff_cli.sampling import Guidance, build_job, job_objective
-    from groupdiff_cli.samplers import evaluations
-    from groupdiff_cli.vae import decode, load_vae
-
     state = process_state(cpu)
     report = dict(ckpt=str(ckpt), group_sizes={}, num_groups=num_groups, seed=seed)
     examples = {}

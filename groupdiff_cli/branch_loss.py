@@ -16,11 +16,11 @@ smaller groups are sub-blocks of larger ones.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from groupdiff_cli.data import SampleStream, build_groups, pixels_to_tensor, read_window
+from groupdiff_cli.seeds import evaluation_generator, evaluation_rng
 
 DEFAULT_TIMES = (0.2, 0.5, 0.8)  # our convention: t = 1 is noise
 BRANCHES = ("cond", "null")
@@ -37,7 +37,7 @@ def heldout_latents(info: dict, num_images: int, max_group: int, threshold: floa
     data = read_window(SampleStream(info, rank=0, world=1, seed=seed).iterate(0), num_images)[0]
     rule = "similarity" if data.emb is not None else "class"
     groups = build_groups(data.emb, data.labels, num_images // max_group, max_group, rule, threshold,
-                          np.random.default_rng(seed))
+                          evaluation_rng(seed))
     order = np.array([i for g in groups for i in g])
     if info["vae"] == "pixel":
         x = pixels_to_tensor(data.mean[order])
@@ -57,7 +57,7 @@ def branch_losses(model, objective, x0: torch.Tensor, labels: torch.Tensor, grou
     model.eval()
     device = next(model.parameters()).device
     m = x0.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    gen = evaluation_generator(seed)
     noise = torch.randn(x0.shape, generator=gen)
     ids_seed = int(torch.randint(2**62, (), generator=gen))
     null = torch.full_like(labels, model.num_classes)
@@ -72,7 +72,7 @@ def branch_losses(model, objective, x0: torch.Tensor, labels: torch.Tensor, grou
                 total = 0.0
                 for b0 in range(0, m, step):
                     sl = slice(b0, b0 + step)
-                    gids = torch.Generator(device=device).manual_seed(ids_seed + b0)
+                    gids = evaluation_generator(ids_seed + b0, device)
                     out = model(xt[sl].to(device), t_net[sl].to(device), y[sl].to(device), group_size=n,
                                 generator=gids).float().cpu()
                     total += float(objective.prediction_error(out, x0[sl], noise[sl]).sum())

@@ -24,17 +24,19 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import mmap
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import InputError, read_json_file, size_text
 from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
-
 
 DATASET_KEYS = ("shards", "num_classes", "latent_shape", "vae", "vae_scale")
 
@@ -178,8 +180,6 @@ def _npy(data: memoryview) -> np.ndarray:
 def _read_shard(path: Path):
     """The shard's records in order: members sharing a key (the name up to the first dot
     of its base name, as webdataset splits it) make one record."""
-    import mmap
-
     with open(path, "rb") as f:
         buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b"")
     key, fields = None, {}
@@ -194,8 +194,6 @@ def _read_shard(path: Path):
 
 
 def _record(path: Path, key: str, fields: dict) -> Record:
-    from PIL import Image
-
     if "cls" not in fields or not ("image.png" in fields or "mean.npy" in fields):
         raise InputError(f"shard {path}: record {key} lacks its label or latents; re-encode it")
     emb = _npy(fields["emb.npy"]) if "emb.npy" in fields else None
@@ -413,6 +411,18 @@ class GroupedWindow:
     data: Window | None = None
 
 
+@dataclass(frozen=True)
+class GroupRecipe:
+    """How training batches are grouped: `train`'s --group-mode, --group-size,
+    --group-ratio, --grouping and --similarity-threshold."""
+
+    mode: str  # "l", "f" or "none"
+    size: int  # images per group
+    ratio: float  # GroupDiff-l: the fraction of a batch's images in whole groups
+    rule: str  # "similarity", "class" or "random"
+    threshold: float  # similarity: the least cosine similarity of a group's members
+
+
 class WindowBuilder(torch.utils.data.Dataset):
     """Window w read, grouped and cut into batches, all seeded by w: a pure function of w.
 
@@ -424,16 +434,14 @@ class WindowBuilder(torch.utils.data.Dataset):
     Windows are read in order: the reader goes on where the last window ended; only a
     jump (a resume) starts it afresh."""
 
-    def __init__(self, stream: SampleStream, window: int, batch_size: int, group_size: int, mode: str,
-                 ratio: float, grouping: str, threshold: float, seed: int, rank: int, shared: bool):
-        self.stream, self.window, self.b, self.n, self.mode, self.ratio = stream, window, batch_size, group_size, mode, ratio
-        self.grouping, self.threshold, self.seed, self.rank = grouping, threshold, seed, rank
+    def __init__(self, stream: SampleStream, recipe: GroupRecipe, *, window: int, batch_size: int, seed: int,
+                 rank: int, shared: bool):
+        self.stream, self.recipe, self.window, self.b = stream, recipe, window, batch_size
+        self.seed, self.rank = seed, rank
         self.per_window = window // batch_size
         probe = stream.first_record()
         self.window_bytes = window * record_bytes(probe)
         if shared and Path("/dev/shm").is_dir():
-            import shutil
-
             free = shutil.disk_usage("/dev/shm").free
             if 2 * self.window_bytes > free:
                 raise ValueError(f"--group-buffer {window}: two windows need {size_text(2 * self.window_bytes)} "
@@ -451,13 +459,10 @@ class WindowBuilder(torch.utils.data.Dataset):
             self._views[k] = as_window(self.buffers[k])
         return self._views[k]
 
-    def __getitem__(self, w: int):
-        try:
-            win = self.build(w)
-            win.data = None  # the training process has the same buffer
-            return win
-        except Exception as e:  # raised as itself in the training process (see GroupBatches._window)
-            return e
+    def __getitem__(self, w: int) -> GroupedWindow:
+        win = self.build(w)
+        win.data = None  # the training process has the same buffer
+        return win
 
     def _read(self, w: int, out: Window) -> list[str]:
         start = w * self.window
@@ -472,19 +477,20 @@ class WindowBuilder(torch.utils.data.Dataset):
         data = self.slot(w % 2)
         keys = self._read(w, data)
         rng = window_rng(self.seed, self.rank, w)
-        nb, b, n = self.per_window, self.b, self.n
+        r = self.recipe
+        nb, b, n = self.per_window, self.b, r.size
         total = nb * b
-        if self.mode == "none" or n == 1:
+        if r.mode == "none" or n == 1:
             num_groups = 0
-        elif self.mode == "f":
+        elif r.mode == "f":
             num_groups = total // n
         else:  # l: the ratio of the images in whole groups; the fractions carry over between windows
-            x = self.ratio * total / n
+            x = r.ratio * total / n
             num_groups = min(total // n, math.floor((w + 1) * x) - math.floor(w * x))
         similarity = None
-        if self.grouping == "similarity" and num_groups:
-            similarity = pair_similarity(data.emb, self.threshold, rng=similarity_rng(self.seed, w))
-        groups = np.array(build_groups(data.emb, data.labels, num_groups, n, self.grouping, self.threshold, rng),
+        if r.rule == "similarity" and num_groups:
+            similarity = pair_similarity(data.emb, r.threshold, rng=similarity_rng(self.seed, w))
+        groups = np.array(build_groups(data.emb, data.labels, num_groups, n, r.rule, r.threshold, rng),
                           np.int64).reshape(num_groups, n)
         used = np.zeros(len(data.labels), bool)
         used[groups.ravel()] = True
@@ -508,19 +514,20 @@ class GroupBatches:
     only on its index and the seed, never on timing. ``last_wait``: how long the last
     ``batch`` call waited for its window (seconds)."""
 
-    def __init__(self, info: dict, rank: int, world: int, batch_size: int, group_size: int, mode: str, ratio: float,
-                 grouping: str, threshold: float, window: int, seed: int, num_classes: int, flip: bool = True,
-                 label_dropout: float = 0.1, prefetch: bool = True):
+    def __init__(self, info: dict, recipe: GroupRecipe, *, batch_size: int, window: int, seed: int,
+                 num_classes: int, rank: int = 0, world: int = 1, flip: bool = True, label_dropout: float = 0.1,
+                 prefetch: bool = True):
         if window < batch_size:
             raise ValueError(f"--group-buffer {window} is smaller than the per-process batch of {batch_size} images")
-        if mode != "none" and batch_size % group_size:
-            raise ValueError(f"per-process batch of {batch_size} images is not a multiple of --group-size {group_size}")
-        if grouping == "similarity" and not info.get("embedder_dim"):
+        if recipe.mode != "none" and batch_size % recipe.size:
+            raise ValueError(f"per-process batch of {batch_size} images is not a multiple of --group-size "
+                             f"{recipe.size}")
+        if recipe.rule == "similarity" and not info.get("embedder_dim"):
             raise ValueError(f"--grouping similarity: the shards in {info['dir']} have no embeddings "
                              f"(encoded with --embedder none); use --grouping class or random")
-        self.builder = WindowBuilder(SampleStream(info, rank, world, seed), window, batch_size, group_size, mode,
-                                     ratio, grouping, threshold, seed, rank, shared=prefetch)
-        self.mode, self.seed, self.rank = mode, seed, rank
+        self.builder = WindowBuilder(SampleStream(info, rank, world, seed), recipe, window=window,
+                                     batch_size=batch_size, seed=seed, rank=rank, shared=prefetch)
+        self.mode, self.seed, self.rank = recipe.mode, seed, rank
         self.num_classes, self.label_dropout = num_classes, label_dropout
         # mirror only where the data allows it (`encode --no-flip` records flip: false)
         self.flip = flip and bool(info.get("flip", True))
@@ -553,11 +560,17 @@ class GroupBatches:
                 loader = torch.utils.data.DataLoader(self.builder, batch_size=None, sampler=itertools.count(w),
                                                      num_workers=1, prefetch_factor=1, worker_init_fn=worker_init())
                 self._loader = (w, iter(loader))
-            win = next(self._loader[1])
-            self._loader = (w + 1, self._loader[1])
-            if isinstance(win, Exception):
-                raise win
-            win.data = self.builder.slot(win.slot)
+            try:
+                win = next(self._loader[1])
+            except Exception:
+                # torch re-raises a worker's error as text with the worker's traceback;
+                # the window is a pure function of w, so building it here raises the
+                # error as itself (a one-line message), or goes on if it was passing
+                self.close()
+                win = self.builder.build(w)
+            else:
+                self._loader = (w + 1, self._loader[1])
+                win.data = self.builder.slot(win.slot)
         self.last_wait = time.perf_counter() - t0
         self._current, self.similarity = win, win.similarity
         return win

@@ -24,6 +24,9 @@ from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_B
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
+from groupdiff_cli.images import open_images
+from groupdiff_cli.inception import InceptionFeatures, extract_features, load_pool_features
+from groupdiff_cli.integrity import IntegrityError
 from groupdiff_cli.sampling import SAMPLES_FILE, build_job, run_sampling
 from groupdiff_cli.train import TrainOptions, train
 
@@ -42,18 +45,18 @@ def digits_reference(out: Path, extractor, log) -> Path:
     stats = out / f"digits_fid_stats_{extractor.weights['sha256'][:12]}.npz"
     if stats.exists():
         return stats
-    images = out / "digits_rgb.npz"
-    if not images.exists():
-        with atomic_path(images) as tmp:
+    real = out / "digits_rgb.npz"
+    if not real.exists():
+        with atomic_path(real) as tmp:
             np.savez(tmp, arr_0=np.repeat(load_digits()[0][..., None], 3, -1))
     try:
-        feats = fid.load_pool_features(REFERENCE_FEATURES, fid.open_images(images), extractor)
-    except fid.IntegrityError as e:
+        feats = load_pool_features(REFERENCE_FEATURES, open_images(real), extractor)
+    except IntegrityError as e:
         log(f"note: {e}: recomputed")
         feats = None
     if feats is None:
-        feats = fid.extract_features(fid.open_images(images), extractor, desc="real digits")
-    fid.save_reference(fid.reference_from_features(str(images), feats), stats)
+        feats = extract_features(open_images(real), extractor, desc="real digits")
+    fid.save_reference(fid.reference_from_features(str(real), feats), stats)
     return stats
 
 
@@ -99,7 +102,7 @@ def compare(run, out: Path, ref_dir: Path, group_size: int, groups_per_class: in
     for name, images in (("jointly", joint), ("one_by_one", single)):
         read = int((classify(clf, images) == asked).sum())
         sides[name] = dict(read_as_asked=read, accuracy=read / len(asked))
-    extractor = fid.InceptionFeatures(inception_weights)
+    extractor = InceptionFeatures(inception_weights)
     rep = fid.evaluate(out / f"N{group_size}", digits_reference(ref_dir, extractor, log), ("fid",), extractor=extractor,
                        bootstrap=bootstrap, paired_with=out / "N1", cpu=True)
     paired = rep["metrics"]["fid_paired"]

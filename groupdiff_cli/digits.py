@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from groupdiff_cli.files import read_json_file, write_json_atomic
 from groupdiff_cli.integrity import load_safetensors, save_safetensors
+from groupdiff_cli.seeds import evaluation_generator, evaluation_rng, seed_initialisation
 
 HERE = Path(__file__).resolve().parent / "pretrained"
 DIGITS_NPZ = HERE / "digits" / "digits.npz"
@@ -44,8 +46,6 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def write_digits(root) -> Path:
     """The digits as a class-folder tree of 8x8 grey PNGs (``ROOT/<digit>/<index>.png``), the
     layout `groupdiff encode` reads. Files already there are kept."""
-    from PIL import Image
-
     root = Path(root)
     images, labels = load_digits()
     for i, (img, label) in enumerate(zip(images, labels)):
@@ -58,7 +58,7 @@ def write_digits(root) -> Path:
 
 def heldout_split(labels: np.ndarray, per_class: int = HELDOUT, seed: int = SPLIT_SEED) -> np.ndarray:
     """A boolean mask: ``per_class`` images of every class, chosen by ``seed``, held out."""
-    rng = np.random.default_rng(seed)
+    rng = evaluation_rng(seed)
     mask = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         mask[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] = True
@@ -87,8 +87,8 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 60, seed: int = 0) -> DigitClassifier:
     """Adam on small random shifts of the images (the samples are not centred exactly)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    gen = evaluation_generator(seed)
+    seed_initialisation(seed)
     model = DigitClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x, y = to_input(images), torch.from_numpy(labels)

@@ -9,8 +9,13 @@ import functools
 import os
 import signal
 import sys
+import threading
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from groupdiff_cli.files import JobLock
 
 # `groupdiff train`'s exit code when a stop signal made it checkpoint and stop early:
 # EX_TEMPFAIL, "try again later". A requeue script reruns the command with --resume.
@@ -25,17 +30,13 @@ def process_state(cpu: bool = False):
     2-process CPU launch silently runs two unconnected single-process jobs. The state
     is a singleton: the first call decides, so every command calls this first.
     """
-    from accelerate import PartialState
-
     return PartialState(cpu=cpu or not torch.cuda.is_available())
 
 
 def take_job_lock(folder, flag: str, state):
     """The main process takes the folder's job lock (files.JobLock); every process
     learns whether it could, so that a refusal stops all of them alike."""
-    from accelerate.utils import broadcast_object_list
 
-    from groupdiff_cli.files import JobLock
 
     lock = JobLock(folder, flag)
     why = [None]
@@ -81,8 +82,6 @@ class StopSignals:
         self._old = {}
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
         return self

@@ -33,11 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
 
 from groupdiff_cli import __version__
-from groupdiff_cli.distributed import worker_init
-from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
 from groupdiff_cli.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
+from groupdiff_cli.distributed import process_state, take_job_lock, worker_init
+from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
+from groupdiff_cli.inception import InceptionFeatures
+from groupdiff_cli.seeds import encode_order_rng
+from groupdiff_cli.vae import load_vae
+
 CROP = "adm_center_crop"
 
 
@@ -94,8 +101,6 @@ def source_root(src) -> Path:
 def center_crop(image, size: int) -> np.ndarray:
     """ADM's centre crop: halve with a box filter while the short side is at least
     twice the target, resize the short side to the target with bicubic, crop the middle."""
-    from PIL import Image
-
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -107,8 +112,6 @@ def center_crop(image, size: int) -> np.ndarray:
 
 def load_rgb(path):
     """Decode any Pillow-readable image (CMYK, L, P, RGBA, ...) to RGB; alpha is dropped."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()  # raises on truncated or corrupt data
         return im.convert("RGB")
@@ -143,6 +146,7 @@ class Embedder:
     """A timm model as a retrieval encoder: pooled features, L2-normalised."""
 
     def __init__(self, name: str, weights: str | None, size: int, device):
+        # lazy: timm adds ~3 s to start-up and only a retrieval embedder needs it
         import timm
 
         kwargs = dict(num_classes=0)
@@ -194,8 +198,6 @@ class InceptionEmbedder:
     MIN_SIZE = 75
 
     def __init__(self, weights: str | None, size: int, device):
-        from groupdiff_cli.fid import InceptionFeatures
-
         if size < self.MIN_SIZE:
             raise ValueError(f"--embedder-size {size}: the Inception embedder needs at least {self.MIN_SIZE}")
         try:
@@ -252,8 +254,6 @@ def shard_name(k: int) -> str:
 def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out: Path, batch_size, num_workers,
                  device, bar=None) -> dict:
     """Encode one shard into OUT/shard-k.tar (+ its .json), atomically."""
-    import webdataset as wds
-
     loader = torch.utils.data.DataLoader(CroppedImages(root, items, indices, cfg.image_size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=_collate, worker_init_fn=worker_init())
     skipped = []
@@ -337,9 +337,6 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
            num_workers: int = 0, cpu: bool = False, limit_shards: int | None = None, log=print) -> dict | None:
     """Encode SRC into OUT (see the module docstring). Returns dataset.json's content,
     or None when ``limit_shards`` stopped the job early (rerun to finish)."""
-    from groupdiff_cli.distributed import process_state, take_job_lock
-    from groupdiff_cli.vae import load_vae
-
     state = process_state(cpu)
     out = Path(out)
     cfg = cfg or EncodeConfig(src=str(src))
@@ -366,8 +363,6 @@ def encode(src, out, cfg: EncodeConfig | None = None, embedder_weights: str | No
 
 def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state, vae, embedder, batch_size,
                    num_workers, limit_shards, log):
-    from tqdm import tqdm
-
     state.wait_for_everyone()
     listing = out / "listing.tsv"
     if state.is_main_process:
@@ -381,7 +376,7 @@ def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state
     lines = listing.read_text().splitlines()
     classes = json.loads(lines[0])
     items = [(p, int(y)) for p, y in (line.rsplit("\t", 1) for line in lines[1:])]
-    order = np.random.default_rng(cfg.seed).permutation(len(items))
+    order = encode_order_rng(cfg.seed).permutation(len(items))
     num_shards = -(-len(items) // cfg.shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not (out / f"{shard_name(k)}.tar").exists()]

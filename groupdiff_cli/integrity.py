@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from groupdiff_cli.files import atomic_path
 
@@ -52,8 +54,6 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` with their digest, atomically (complete or absent)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {}, **{DIGEST_KEY: tensors_digest(tensors)})
     with atomic_path(path) as tmp:
@@ -63,8 +63,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
 def load_safetensors(path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, checked against its digest when it has one.
     ValueError naming the file when it is not a readable safetensors file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

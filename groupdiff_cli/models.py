@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from groupdiff_cli.defaults import MAX_GROUP_SIZE
 from groupdiff_cli.integrity import load_safetensors
@@ -412,8 +413,6 @@ def count_flops(name: str, group_size: int = 1, **overrides) -> float:
     torch's FlopCounterMode reports). Attention is counted over N*L keys, so the
     figure grows with the group size.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         model = create_model(name, **overrides)
         size, ch = model.input_size, model.in_channels

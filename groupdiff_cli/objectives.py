@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from groupdiff_cli.models import FAMILIES, MODELS
+
 OBJECTIVES = ("ddpm", "flow")
 
 
@@ -260,8 +262,6 @@ def create(name: str, learn_sigma: bool = True, sampling_steps: int | None = Non
 def for_model(model_name: str, requested: str | None = None) -> str:
     """The objective a run of registry model ``model_name`` trains with: ``requested``,
     or its family's (DiT: ddpm, SiT: flow)."""
-    from groupdiff_cli.models import FAMILIES, MODELS
-
     if requested is not None and requested not in OBJECTIVES:
         raise ValueError(f"objective {requested!r}: choose from {', '.join(OBJECTIVES)}")
     return requested or FAMILIES[MODELS[model_name]["family"]]
@@ -270,6 +270,4 @@ def for_model(model_name: str, requested: str | None = None) -> str:
 def of_run(info: dict) -> str:
     """The objective recorded in a run's config.json (``checkpoints.load_model``'s
     description); official checkpoints: the model family's."""
-    from groupdiff_cli.models import FAMILIES
-
     return info.get("train", {}).get("objective") or FAMILIES[info["model"]["family"]]

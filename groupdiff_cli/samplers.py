@@ -152,6 +152,7 @@ def flow_dopri5(objective, denoiser, x, noise, steps):
     SiT's tolerances (atol 1e-6, rtol 1e-3); --steps does not apply. torchdiffeq's
     last step may reach past t = 0 and interpolate back: there the field is continued
     as v(x, 0), so the network never sees a time outside [0, 1]."""
+    # lazy: torchdiffeq adds ~1 s to start-up and only dopri5 needs it
     from torchdiffeq import odeint
 
     times = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x.device)

@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from groupdiff_cli import samplers
+from groupdiff_cli.checkpoints import load_model, step_of
 from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, SD_VAE_SCALE
+from groupdiff_cli.distributed import process_state, take_job_lock
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
-from groupdiff_cli.seeds import GROUP_OFFSET
+from groupdiff_cli.objectives import create, of_run
+from groupdiff_cli.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
+from groupdiff_cli.vae import decode, load_vae
 
 # A `groupdiff sample` folder: what this module writes, and `fid` and `study` read
 SAMPLE_CONFIG = "sample_config.json"  # the SampleJob: a rerun resumes, another job is refused
@@ -130,12 +137,10 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
     if m % group_size:
         raise ValueError(f"{m} images are not whole groups of {group_size}")
     c, s = model.in_channels, model.input_size
-    image_seeds = image_seeds or [seed + first_index + i for i in range(m)]
-    gens = [torch.Generator().manual_seed(int(v)) for v in image_seeds]
+    gens = [image_generator(v) for v in image_seeds or seeds_of_images(seed, first_index, m)]
     single_ids = torch.stack([torch.randint(model.max_group_size, (), generator=g) for g in gens])
     group_ids = torch.cat([
-        torch.randperm(model.max_group_size, generator=torch.Generator().manual_seed(
-            seed + GROUP_OFFSET + first_index + j))[:group_size]
+        torch.randperm(model.max_group_size, generator=group_rows_generator(seed, first_index + j))[:group_size]
         for j in range(0, m, group_size)
     ])
     x = torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
@@ -168,7 +173,7 @@ def group_labels(num_classes: int, num_groups: int | None = None, class_labels=N
             raise ValueError(f"--class-labels: label {bad[0]} is outside [0, {num_classes - 1}]")
         return list(class_labels)
     if random_labels:
-        return torch.randint(num_classes, (num_groups,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return torch.randint(num_classes, (num_groups,), generator=label_generator(seed)).tolist()
     return [k % num_classes for k in range(num_groups)]
 
 
@@ -181,8 +186,6 @@ def aligned_labels(num_samples: int, group_size: int, block: int, num_classes: i
 def ema_warning(info: dict, weights: str, warn) -> None:
     """Warn when the EMA weights are still mostly the initial ones: after s steps at
     decay d, a fraction d**s of the EMA is the initialisation."""
-    from groupdiff_cli.checkpoints import step_of
-
     decay, step = info.get("train", {}).get("ema_decay"), step_of(info.get("checkpoint", ""))
     if weights != "ema" or decay is None or step is None:
         return
@@ -215,8 +218,6 @@ GRID_IMAGES, GRID_COLS, CAPTION_PX = 16, 4, 12  # a grid file: 16 images, 4 per 
 
 def captioned(grid: np.ndarray, text: str) -> np.ndarray:
     """The grid under a white band holding ``text`` (Pillow's built-in font)."""
-    from PIL import Image, ImageDraw
-
     band = Image.new("RGB", (grid.shape[1], CAPTION_PX), "white")
     ImageDraw.Draw(band).text((1, 0), text, fill="black")
     return np.concatenate([np.asarray(band), grid], axis=0)
@@ -239,8 +240,6 @@ def write_grids(images: np.ndarray, labels: list[int], first_group: int, group_s
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp)
 
@@ -248,8 +247,6 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarray) -> None:
     """``np.savez``-compatible npz (arr_0 uint8 NHWC, arr_1 labels) written chunk by
     chunk, so 50k images never sit in memory at once; atomic (temp name + rename)."""
-    import zipfile
-
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(
@@ -303,9 +300,6 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
                  vae_batch_size: int = 32, cpu: bool = False) -> dict:
     """Sample every chunk of groups not yet on disk (chunks are spread over the
     processes of an `accelerate launch`), then write OUT/samples.npz and labels.npy."""
-    from groupdiff_cli.distributed import process_state, take_job_lock
-    from groupdiff_cli.vae import load_vae
-
     state = process_state(cpu)
     out = Path(out_dir)
     config_file = out / SAMPLE_CONFIG
@@ -334,8 +328,6 @@ def _chunk_ok(path: Path, count: int) -> bool:
 
 
 def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
-    from tqdm import tqdm
-
     chunks_dir, config_file = out / "chunks", out / SAMPLE_CONFIG
     if state.is_main_process:
         for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
@@ -365,16 +357,12 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
 
 def job_objective(job: SampleJob, model):
     """The objective a job samples with (DDPM respaced to the job's steps)."""
-    from groupdiff_cli.objectives import create
-
     return create(job.objective, model.learn_sigma, job.steps)
 
 
 def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, vae, batch_size, save_images,
                   vae_batch_size, progress) -> None:
     """Sample, decode and write chunk k (its grids, PNGs, then the chunk file)."""
-    from groupdiff_cli.vae import decode
-
     groups_per_batch = max(1, batch_size // job.group_size)
     g0, g1 = k * job.chunk_groups, min((k + 1) * job.chunk_groups, len(job.labels))
     guidance = Guidance.of_job(job)
@@ -424,9 +412,6 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
 
     Returns (job, model). Raises ValueError naming the flag for bad input.
     """
-    from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.objectives import create, of_run
-
     model, info = loaded or load_model(ckpt, weights, model_name)
     train, dataset = info.get("train", {}), info.get("dataset", {})
     trained = int(train.get("group_size", 1))

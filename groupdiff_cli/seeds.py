@@ -1,8 +1,10 @@
-"""Named random streams: every random draw of training and sampling, and its seed.
+"""Named random streams: every random draw of the project, and its seed.
 
 A draw is seeded from the run's seed and the coordinates that fix it (rank, step,
 micro-step, window, image index), never from a global generator, so a run resumes
 exactly and samples do not depend on the number of processes or the batch size.
+The one use of torch's global generator is a network's initialisation
+(``seed_initialisation``), as in the reference DiT code.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import numpy as np
+import torch
 
 
 class Stream(IntEnum):
@@ -45,3 +48,48 @@ def window_rng(seed: int, rank: int, window: int) -> np.random.Generator:
 def similarity_rng(seed: int, window: int) -> np.random.Generator:
     """The pairs sampled for a window's similarity statistics."""
     return np.random.default_rng([seed, window])
+
+
+# torch streams of sampling and evaluation
+def seeds_of_images(seed: int, first_index: int, count: int) -> list[int]:
+    """The seeds of images first_index .. first_index + count - 1 of a sampling job."""
+    return [seed + first_index + i for i in range(count)]
+
+
+def image_generator(image_seed: int) -> torch.Generator:
+    """One image's stream: its sample-embedding row alone, its starting noise, then
+    the noise of each stochastic sampler step."""
+    return torch.Generator().manual_seed(int(image_seed))
+
+
+def group_rows_generator(seed: int, first_index: int) -> torch.Generator:
+    """The sample-embedding rows of the group whose first image is ``first_index``."""
+    return torch.Generator().manual_seed(seed + GROUP_OFFSET + first_index)
+
+
+def label_generator(seed: int) -> torch.Generator:
+    """The classes of ``sample --random-labels``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def evaluation_generator(seed: int, device="cpu") -> torch.Generator:
+    """A fixed stream for a held-out measurement (branch losses: noise, then per batch
+    the seed of its sample-embedding rows)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def seed_initialisation(seed: int) -> None:
+    """Seed torch's global generator, which a module's own initialisation draws from."""
+    torch.manual_seed(seed)
+
+
+# numpy streams outside training
+def encode_order_rng(seed: int) -> np.random.Generator:
+    """The order in which `encode` writes the images into shards."""
+    return np.random.default_rng(seed)
+
+
+def evaluation_rng(seed: int) -> np.random.Generator:
+    """Fixed numpy draws of a measurement: held-out splits and groupings, bootstrap
+    resamples, the reference subset of precision and recall."""
+    return np.random.default_rng(seed)

@@ -18,8 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from groupdiff_cli import attention, fid, inception, metrics
+from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
+from groupdiff_cli.checkpoints import load_model
+from groupdiff_cli.data import read_dataset
 from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
-from groupdiff_cli.sampling import LABELS_FILE
+from groupdiff_cli.objectives import create, of_run
+from groupdiff_cli.sampling import LABELS_FILE, build_job, run_sampling
 
 
 def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:
@@ -40,9 +45,6 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
               log=print) -> list[dict]:
-    from groupdiff_cli import attention, fid
-    from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.sampling import build_job, run_sampling
 
     if bootstrap == 1:
         raise ValueError("--bootstrap 1: use 0 (no interval) or at least 2 resamples")
@@ -50,7 +52,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, pools = [], {}
-    extractor = fid.InceptionFeatures(inception_weights) if ref is not None else None  # built once
+    extractor = inception.InceptionFeatures(inception_weights) if ref is not None else None  # built once
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
     loaded = load_model(ckpt)
     # every group size's job, so that a size the checkpoint cannot run is refused before any sampling
@@ -83,7 +85,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     if bootstrap and len(pools) > 1:
         reference = fid.load_reference_stats(Path(ref) if fid.is_stats_file(Path(ref)) else stats)
-        add_paired_differences(rows, pools, out, fid.FrechetDistance(reference.mu, reference.sigma), bootstrap,
+        add_paired_differences(rows, pools, out, metrics.FrechetDistance(reference.mu, reference.sigma), bootstrap,
                                seed, log)
     fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
               "precision", "recall", "s_cross"]
@@ -105,8 +107,6 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
     every N (the least common multiple of the group sizes), and the same blocks are drawn
     for every N; only group sizes whose images carry the same labels as the smallest
     N's (N{n}/labels.npy) are paired."""
-    from groupdiff_cli import fid
-
     base = min(pools)
     block = math.lcm(*pools)
     count = len(pools[base])
@@ -115,7 +115,7 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
             f"the least common multiple of the group sizes")
         return
     base_labels = np.load(out / f"N{base}" / LABELS_FILE)
-    base_values = fid.resampled_fids(pools[base], fd, rounds, block, seed)
+    base_values = metrics.resampled_fids(pools[base], fd, rounds, block, seed)
     base_fid = next(r["fid"] for r in rows if r["group_size"] == base)
     for row in rows:
         n = row["group_size"]
@@ -124,7 +124,7 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
         if not np.array_equal(np.load(out / f"N{n}" / LABELS_FILE), base_labels):
             log(f"N={n}: labels differ from N={base}'s, no paired difference")
             continue
-        d = fid.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values,
+        d = metrics.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values,
                                       estimate=row["fid"] - base_fid)  # the rows' FIDs: not computed again
         row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
         log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
@@ -134,11 +134,6 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
 def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:
     """The held-out denoising loss per branch and group size (`branch_loss`) of the
     checkpoint's EMA weights, to OUT/branch_loss.csv."""
-    from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
-    from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.data import read_dataset
-    from groupdiff_cli.objectives import create, of_run
-
     model, info = load_model(ckpt, "ema")
     objective = create(of_run(info), model.learn_sigma)
     x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
@@ -153,6 +148,7 @@ def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, 
 
 
 def plot_study(rows: list[dict], path: Path) -> None:
+    # lazy: matplotlib adds ~1 s to start-up and only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from groupdiff_cli.inception import fidelity_skeleton
+from groupdiff_cli.seeds import seed_initialisation
+
 
 def write_random_inception_weights(path, seed: int = 0) -> str:
     """Write a randomly initialised torch-fidelity Inception state dict to ``path``.
@@ -17,9 +20,7 @@ def write_random_inception_weights(path, seed: int = 0) -> str:
     convolutions are re-initialised with ``kaiming_normal_`` and the logits layer with
     a wide normal, which gives distinguishable features for different images.
     """
-    from groupdiff_cli.fid import fidelity_skeleton
-
-    torch.manual_seed(seed)
+    seed_initialisation(seed)
     net = fidelity_skeleton()
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):

@@ -17,18 +17,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm import tqdm
 
 from groupdiff_cli import __version__
-from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, load_training_state,
-                                       prune_checkpoints, save_checkpoint)
-from groupdiff_cli.data import GroupBatches, read_dataset
+from groupdiff_cli.branch_loss import branch_losses, heldout_latents
+from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, is_ours, load_model,
+                                       load_training_state, prune_checkpoints, save_checkpoint)
+from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
 from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, STUDY_GROUP_SIZES, TrainOptions
-from groupdiff_cli.distributed import StopSignals, take_job_lock
+from groupdiff_cli.distributed import StopSignals, process_state, take_job_lock
 from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
 from groupdiff_cli.models import MODELS, create_model, load_pretrained
 from groupdiff_cli.objectives import create as create_objective
 from groupdiff_cli.objectives import for_model
-from groupdiff_cli.seeds import Stream, derived_seed
+from groupdiff_cli.seeds import Stream, derived_seed, seed_initialisation
 
 __all__ = ["TrainOptions", "train"]
 
@@ -86,8 +90,6 @@ def _drop_rows_after(path: Path, step: int) -> None:
 def _heldout_eval(o: TrainOptions, info: dict, ema, objective, run_dir: Path):
     """A function(step) that appends the held-out per-branch denoising loss of the EMA
     weights (what `sample` uses) to RUN/eval.jsonl (see `branch_loss`)."""
-    from groupdiff_cli.branch_loss import branch_losses, heldout_latents
-
     sizes = [n for n in STUDY_GROUP_SIZES if n <= o.max_group_size]
     x0, labels = heldout_latents(info, o.eval_images, max(sizes), o.similarity_threshold, o.seed)
 
@@ -108,8 +110,6 @@ def _state_checksum(model) -> float:
 
 def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     """Train; returns a summary. Raises ValueError for bad options (one line each)."""
-    from groupdiff_cli.distributed import process_state
-
     state = process_state(o.cpu)
     _validate(o, state.num_processes)
     info = read_dataset(o.data)
@@ -182,8 +182,6 @@ class Run:
     """One training run: its options, processes, directory, model, EMA and optimizer."""
 
     def __init__(self, o: TrainOptions, state, info: dict):
-        from accelerate import Accelerator
-
         self.o, self.state, self.info = o, state, info
         mp = o.mixed_precision or ("bf16" if torch.cuda.is_available() and not o.cpu else "no")
         self.accelerator = Accelerator(cpu=o.cpu or not torch.cuda.is_available(), mixed_precision=mp,
@@ -200,9 +198,10 @@ class Run:
     def loader(self) -> GroupBatches:
         o, state = self.o, self.state
         micro = o.global_batch_size // (state.num_processes * o.grad_accum)
-        return GroupBatches(self.info, state.process_index, state.num_processes, micro, o.group_size, o.group_mode,
-                            o.group_ratio, o.grouping, o.similarity_threshold, o.group_buffer, o.seed,
-                            self.info["num_classes"], flip=o.flip, label_dropout=o.label_dropout)
+        recipe = GroupRecipe(o.group_mode, o.group_size, o.group_ratio, o.grouping, o.similarity_threshold)
+        return GroupBatches(self.info, recipe, batch_size=micro, window=o.group_buffer, seed=o.seed,
+                            num_classes=self.info["num_classes"], rank=state.process_index,
+                            world=state.num_processes, flip=o.flip, label_dropout=o.label_dropout)
 
     def start(self, ckpt: Path | None, log) -> None:
         """Build the model, EMA and optimizer (from ``ckpt`` when resuming), claim the run
@@ -244,8 +243,6 @@ class Run:
         """Train to ``max_steps``: log, evaluate and checkpoint on their schedules. A stop
         signal (preemption) ends the loop after the step in progress, with a checkpoint:
         the summary's ``stopped_by`` names the signal."""
-        from tqdm import tqdm
-
         o, state = self.o, self.state
         main = state.is_main_process
         bar = tqdm(total=o.max_steps, initial=self.step, unit="step", disable=not main)
@@ -325,8 +322,6 @@ class Run:
         return x0, t_net, xt, noise
 
     def save(self) -> None:
-        from accelerate.utils import gather_object
-
         sums = gather_object([_state_checksum(self.raw)])  # ranks must hold the same weights
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"step {self.step}: the processes' weights differ ({sums}); not saving")
@@ -396,15 +391,13 @@ def _initial_model(o: TrainOptions, overrides: dict, log, resuming: bool):
     """The network at step 0: --init-from (fine-tuning), or a seeded initialisation.
     A resumed run starts from the latter and then loads its checkpoint."""
     if resuming or not o.init_from:
-        torch.manual_seed(o.seed)
+        seed_initialisation(o.seed)
         model = create_model(o.model, **overrides)
         if o.sample_embed_std != 0.02:  # the default init stays bitwise as before
             with torch.no_grad():
                 gen = torch.Generator().manual_seed(derived_seed(o.seed, Stream.SAMPLE_EMBED_INIT))
                 model.s_embedder.weight.normal_(0, o.sample_embed_std, generator=gen)
         return model
-    from groupdiff_cli.checkpoints import is_ours, load_model
-
     path = Path(o.init_from)
     ours = is_ours(path)
     if ours:

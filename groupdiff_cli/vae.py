@@ -18,6 +18,7 @@ def load_vae(spec: str, device="cpu", flag: str = "--vae"):
     """An ``AutoencoderKL`` in eval mode, or None for ``pixel``."""
     if spec == PIXEL:
         return None
+    # lazy: diffusers adds ~2.5 s to start-up and only the SD-VAE needs it
     from diffusers import AutoencoderKL
 
     local = Path(spec).expanduser()

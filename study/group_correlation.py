@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from torch_fidelity.metric_kid import kernel_poly
 
-from groupdiff_cli import fid
+from groupdiff_cli import fid, images, metrics
 
 
 def mate_similarity(pool: np.ndarray, labels: np.ndarray, group: int) -> dict:
@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     ref = fid.load_reference_stats(args.ref)
-    fd = fid.FrechetDistance(ref.mu, ref.sigma)
+    fd = metrics.FrechetDistance(ref.mu, ref.sigma)
     runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / fid.POOL_FEATURES).exists())
     pools = {n: np.load(d / fid.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
     counts = fid_against_count(pools, fd, args.block, [int(s) for s in args.sizes.split(",")], args.repeats)
@@ -114,7 +114,7 @@ def main() -> None:
     for n, folder in runs:
         pool = pools[n]
         est = counts[n]["fid_at"][len(pool)]  # the full set's FID, computed once
-        boot = fid.bootstrap_fid(pool, fd, args.bootstrap, args.block, estimate=est)
+        boot = metrics.bootstrap_fid(pool, fd, args.bootstrap, args.block, estimate=est)
         with np.load(folder / "samples.npz") as f:
             pixels = pixel_stats(f["arr_0"])
         report[n] = dict(fid=est, bootstrap_bias=boot["bias"], fid_minus_bias=est - boot["bias"],
@@ -132,7 +132,7 @@ def main() -> None:
               f"{r['similarity']['same_class_other_groups']:9.4f} {r['trace_cov']:8.2f} {r['mean_term']:9.2f} "
               f"{r['contrast']:8.4f} {r['saturation']:7.4f}")
     if args.ref_images:
-        data = pixel_stats(np.stack([im.permute(1, 2, 0).numpy() for im in fid.open_images(args.ref_images)]))
+        data = pixel_stats(np.stack([im.permute(1, 2, 0).numpy() for im in images.open_images(args.ref_images)]))
         print(f"data: contrast {data['contrast']:.4f}, saturation {data['saturation']:.4f}")
         report["data"] = data
     if args.json:

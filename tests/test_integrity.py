@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_robustness import cli, images_npz, one_line, pixel_run, sample_args, snapshot, train_args, weights  # noqa: F401
+from test_robustness import (cli, images_npz, one_line, pixel_run, sample_args, snapshot, train_args,  # noqa: F401
+                             weights)
 from test_train import write_dataset
 
 from groupdiff_cli import fid, integrity

@@ -11,11 +11,10 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-
-from groupdiff_cli.data import GroupBatches, _records, build_groups, read_dataset
-from groupdiff_cli.files import InputError
-
 from test_train import write_dataset
+
+from groupdiff_cli.data import GroupBatches, GroupRecipe, _records, build_groups, read_dataset
+from groupdiff_cli.files import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +60,9 @@ def test_the_background_worker_gives_the_same_batches_as_building_in_process(tmp
     """Windows read ahead by the DataLoader worker equal windows built on demand, for any
     order of batch indices (a resume jumps): what exact resume relies on."""
     info = read_dataset(write_dataset(tmp_path / "d", n=64, shard_size=16))
-    args = (info, 0, 1, 8, 4, mode, 0.25, "similarity", 0.7, 16, 0, 4)
-    ahead, here = GroupBatches(*args, prefetch=True), GroupBatches(*args, prefetch=False)
+    args = dict(batch_size=8, window=16, seed=0, num_classes=4)
+    recipe = GroupRecipe(mode, 4, 0.25, "similarity", 0.7)
+    ahead, here = GroupBatches(info, recipe, **args, prefetch=True), GroupBatches(info, recipe, **args, prefetch=False)
     try:
         for i in [0, 1, 2, 5, 6, 7, 3, 11, 4, 12]:
             a, b = ahead.batch(i), here.batch(i)
@@ -78,7 +78,8 @@ def test_a_damaged_shard_in_the_worker_raises_its_own_error(tmp_path):
     for shard in d.glob("*.tar"):
         raw = shard.read_bytes()
         shard.write_bytes(raw[: len(raw) // 2])
-    gb = GroupBatches(info, 0, 1, 8, 4, "l", 0.25, "similarity", 0.7, 16, 0, 4, prefetch=True)
+    gb = GroupBatches(info, GroupRecipe("l", 4, 0.25, "similarity", 0.7), batch_size=8, window=16, seed=0,
+                      num_classes=4, prefetch=True)
     try:
         with pytest.raises(InputError, match=r"shard .*shard-00000[01]\.tar is corrupt"):
             gb.batch(0)

@@ -16,9 +16,9 @@ from PIL import Image
 from test_sampling import write_run
 from test_train import write_dataset
 
-from groupdiff_cli import fid
+from groupdiff_cli import fid, images, metrics
 from groupdiff_cli.cli import main
-from groupdiff_cli.files import LOCK_NAME
+from groupdiff_cli.files import LOCK_NAME, InputError
 from groupdiff_cli.integrity import file_sha256
 
 
@@ -296,7 +296,7 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
     folder.mkdir()
     ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
     Image.fromarray(ramp).save(folder / "a.png")  # uint16 -> mode I;16
-    img = fid.open_images(folder)[0]
+    img = images.open_images(folder)[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
     expect = np.round(ramp.astype(np.float64) / 65535 * 255).astype(np.uint8)
     np.testing.assert_array_equal(img[0].numpy(), expect)
@@ -305,8 +305,8 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
 
 def test_degenerate_features_say_what_is_wrong():
     sigma = np.full((4, 4), np.nan)
-    with pytest.raises(fid.InputError, match="not finite or degenerate"):
-        fid.FrechetDistance(np.zeros(4), sigma)
+    with pytest.raises(InputError, match="not finite or degenerate"):
+        metrics.FrechetDistance(np.zeros(4), sigma)
 
 
 def test_unreadable_fid_inputs_are_one_line(weights, tmp_path):

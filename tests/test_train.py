@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.data import GroupBatches, build_groups, read_dataset
+from groupdiff_cli.data import GroupBatches, GroupRecipe, build_groups, read_dataset
 from groupdiff_cli.objectives import Flow
 from groupdiff_cli.train import TrainOptions, train
 
@@ -102,23 +102,27 @@ def test_grouping_by_similarity_finds_the_known_neighbours():
 
 def test_batches_use_each_sample_once_split_ranks_and_respect_the_ratio(data):
     info = read_dataset(data)
-    ranks = [GroupBatches(info, r, 2, 4, 4, "l", 0.25, "similarity", 0.7, 16, 0, 4) for r in (0, 1)]
+    ranks = [GroupBatches(info, GroupRecipe("l", 4, 0.25, "similarity", 0.7), batch_size=4, window=16, seed=0,
+                          num_classes=4, rank=r, world=2) for r in (0, 1)]
     keys = [sum((ranks[r].batch(i).keys for i in range(4)), []) for r in (0, 1)]
     assert len(set(keys[0])) == 16 and len(set(keys[1])) == 16  # a whole window, no repeats
     assert not set(keys[0]) & set(keys[1])  # the processes read different shards
-    f = GroupBatches(info, 0, 1, 8, 4, "f", 0, "similarity", 0.7, 32, 0, 4)
+    f = GroupBatches(info, GroupRecipe("f", 4, 0, "similarity", 0.7),
+                     batch_size=8, window=32, seed=0, num_classes=4)
     for i in range(4):
         b = f.batch(i)
         assert b.group_sizes == [4, 4]
         for g in (b.keys[:4], b.keys[4:]):  # members share their embedding cluster (key % 8)
             assert len({int(k) % 8 for k in g}) == 1
-    lmode = GroupBatches(info, 0, 1, 8, 4, "l", 0.1, "similarity", 0.7, 32, 0, 4)
+    lmode = GroupBatches(info, GroupRecipe("l", 4, 0.1, "similarity", 0.7),
+                         batch_size=8, window=32, seed=0, num_classes=4)
     fractions = [lmode.batch(i).grouped_fraction for i in range(40)]
     assert abs(np.mean(fractions) - 0.1) < 0.02
     b = lmode.batch(0)
     grouped = [n > 1 for n in b.group_sizes for _ in range(n)]
     assert all(y == 4 for y, g in zip(b.labels.tolist(), grouped) if g)  # null label for grouped images
-    fresh = GroupBatches(info, 0, 1, 8, 4, "l", 0.1, "similarity", 0.7, 32, 0, 4)
+    fresh = GroupBatches(info, GroupRecipe("l", 4, 0.1, "similarity", 0.7),
+                         batch_size=8, window=32, seed=0, num_classes=4)
     again = fresh.batch(0)  # a batch is a pure function of its index: what a resume relies on
     assert again.keys == b.keys and torch.equal(again.latents, b.latents) and torch.equal(again.labels, b.labels)
 
