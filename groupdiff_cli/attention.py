@@ -47,14 +47,6 @@ def cross_sample_mass(q: torch.Tensor, k: torch.Tensor, n: int, chunk: int = 256
     return out / (h * length)
 
 
-def dense_cross_sample_mass(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-    """The same from the whole attention matrix at once (a reference for tests)."""
-    b, h, s, d = q.shape
-    length = s // n
-    probs = torch.softmax((q @ k.transpose(-1, -2)).double() * d**-0.5, dim=-1)  # (B, h, S, S)
-    return probs.view(b, h, n, length, n, length).sum(-1).mean(3).mean(1)
-
-
 def s_cross(p: torch.Tensor) -> torch.Tensor:
     """P (..., n, n) -> S_cross per image (..., n), in percent."""
     n = p.shape[-1]

@@ -93,10 +93,6 @@ class FrechetDistance:
         return float(diff @ diff + trace_sigma + np.trace(self.sigma) - 2 * tr_covmean)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    return FrechetDistance(mu2, sigma2)(mu1, sigma1)
-
-
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """ADM's protocol: softmax of the unbiased logits, consecutive splits, no shuffling."""
     from torch_fidelity.metric_isc import isc_features_to_metric
