@@ -107,6 +107,10 @@ def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp
 
     files = list(demo.PRETRAINED.glob("checkpoints/step_*/ema.safetensors"))
     assert len(files) == 1 and files[0].stat().st_size < 8 * 2**20
+    # the README that the demo points to gives the command for exactly the shipped step
+    step = files[0].parent.name
+    assert f"--max-steps {int(step.removeprefix('step_'))}" in (demo.PRETRAINED / "README.md").read_text()
+    assert f"checkpoints/{step}" in (demo.PRETRAINED / "README.md").read_text()
     with safe_open(str(files[0]), "pt") as f:
         assert DIGEST_KEY in f.metadata()
     stored = load_safetensors(files[0])
