@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--windows", type=int, default=3, help="windows in the paced run")
     ap.add_argument("--consume", type=float, default=2900.0, help="img/s the simulated GPU takes")
     ap.add_argument("--baseline-rev", default="d82a032", help="git revision of the loader to compare with; "
-                    "'none' skips it (the old f mode takes minutes per window)")
+                    "'none' skips it (the baseline's f mode takes minutes per window)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -1,8 +1,8 @@
 """How class-consistent are similarity groups with each retrieval embedder?
 
 On the bundled shapes data (8 classes), encode with the offline pretrained FID
-Inception (`--embedder inception`) and with the randomly initialised ResNet-18 the demo
-used before, then form training groups exactly as `train` does (one window, anchor +
+Inception (`--embedder inception`) and with a randomly initialised timm ResNet-18 (an
+embedder with no training), then form training groups exactly as `train` does (one window, anchor +
 N - 1 picks at or above the threshold, nearest if too few) and count the fraction of
 group-mates that share the anchor's class (chance: 1/8). Also the fraction of random
 pairs that pass the threshold (near 1: similarity groups are random groups).
