@@ -13,7 +13,8 @@ from click.core import ParameterSource
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, DEMO_BOOTSTRAP,
                                     DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_SAMPLE_STEPS, GROUP_MODES, GROUPINGS,
-                                    MAX_BOOTSTRAP, STUDY_GROUP_SIZES, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, TRAIN_DEFAULTS, WEIGHTS)
+                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES,
+                                    TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions

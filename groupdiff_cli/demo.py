@@ -24,10 +24,10 @@ from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_B
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
-from groupdiff_cli.images import open_images
+from groupdiff_cli.images import SAMPLES_FILE, open_images
 from groupdiff_cli.inception import InceptionFeatures, extract_features, load_pool_features
 from groupdiff_cli.integrity import IntegrityError
-from groupdiff_cli.sampling import SAMPLES_FILE, build_job, run_sampling
+from groupdiff_cli.sampling import build_job, run_sampling
 from groupdiff_cli.train import TrainOptions, train
 
 DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped weights and of --from-scratch

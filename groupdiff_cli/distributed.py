@@ -36,8 +36,6 @@ def process_state(cpu: bool = False):
 def take_job_lock(folder, flag: str, state):
     """The main process takes the folder's job lock (files.JobLock); every process
     learns whether it could, so that a refusal stops all of them alike."""
-
-
     lock = JobLock(folder, flag)
     why = [None]
     if state.is_main_process:

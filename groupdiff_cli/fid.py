@@ -15,13 +15,13 @@ from groupdiff_cli import __version__
 from groupdiff_cli.defaults import MAX_BOOTSTRAP
 from groupdiff_cli.distributed import process_state
 from groupdiff_cli.files import atomic_path
-from groupdiff_cli.images import NpzImages, npz_keys, npz_member, open_images
+from groupdiff_cli.images import (LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG, NpzImages, npz_keys, npz_member,
+                                  open_images, recorded_group_size)
 from groupdiff_cli.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, extract_features,
                                      load_pool_features, save_pool_features)
 from groupdiff_cli.integrity import IntegrityError, file_sha256
 from groupdiff_cli.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
                                    kernel_inception_distance, paired_fid_difference, precision_recall, resampled_fids)
-from groupdiff_cli.sampling import LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG, recorded_group_size
 from groupdiff_cli.seeds import evaluation_rng
 
 METRICS = ("fid", "sfid", "isc", "prc", "kid")

@@ -1,8 +1,10 @@
 """The image sets that `fid` reads: an ADM-style .npz (``arr_0``, memory-mapped), a
-`groupdiff sample` folder (its ``samples.npz``) or a folder of image files."""
+`groupdiff sample` folder (its ``samples.npz``) or a folder of image files; and the
+layout of a sample folder."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from pathlib import Path
@@ -13,7 +15,23 @@ from PIL import Image, UnidentifiedImageError
 
 from groupdiff_cli.defaults import IMAGE_SUFFIXES
 from groupdiff_cli.files import InputError
-from groupdiff_cli.sampling import SAMPLES_FILE
+
+# A `groupdiff sample` folder: what `sampling` writes, and `fid` and `study` read
+SAMPLE_CONFIG = "sample_config.json"  # the SampleJob: a rerun resumes, another job is refused
+SAMPLES_FILE, LABELS_FILE = "samples.npz", "labels.npy"  # ADM-style arr_0 (N, H, W, 3) uint8; labels (N,)
+POOL_FEATURES = "pool_features.npz"  # the samples' Inception pool features, kept there by `fid`
+
+
+def recorded_group_size(folder) -> int | None:
+    """The group size a `groupdiff sample` folder was sampled with; None for anything else."""
+    config = Path(folder) / SAMPLE_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        n = json.loads(config.read_text()).get("group_size")
+    except (OSError, ValueError):
+        return None
+    return n if isinstance(n, int) and n >= 1 else None
 
 
 def npz_member(path: Path, name: str) -> np.ndarray:

@@ -35,26 +35,10 @@ from groupdiff_cli.checkpoints import load_model, step_of
 from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, SD_VAE_SCALE
 from groupdiff_cli.distributed import process_state, take_job_lock
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
+from groupdiff_cli.images import LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE
 from groupdiff_cli.objectives import create, of_run
 from groupdiff_cli.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
 from groupdiff_cli.vae import decode, load_vae
-
-# A `groupdiff sample` folder: what this module writes, and `fid` and `study` read
-SAMPLE_CONFIG = "sample_config.json"  # the SampleJob: a rerun resumes, another job is refused
-SAMPLES_FILE, LABELS_FILE = "samples.npz", "labels.npy"  # ADM-style arr_0 (N, H, W, 3) uint8; labels (N,)
-POOL_FEATURES = "pool_features.npz"  # the samples' Inception pool features, kept there by `fid`
-
-
-def recorded_group_size(folder) -> int | None:
-    """The group size a `groupdiff sample` folder was sampled with; None for anything else."""
-    config = Path(folder) / SAMPLE_CONFIG
-    if not config.is_file():
-        return None
-    try:
-        n = json.loads(config.read_text()).get("group_size")
-    except (OSError, ValueError):
-        return None
-    return n if isinstance(n, int) and n >= 1 else None
 
 
 class NonFiniteSamples(FloatingPointError):

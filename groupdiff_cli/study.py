@@ -23,8 +23,9 @@ from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latent
 from groupdiff_cli.checkpoints import load_model
 from groupdiff_cli.data import read_dataset
 from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
+from groupdiff_cli.images import LABELS_FILE
 from groupdiff_cli.objectives import create, of_run
-from groupdiff_cli.sampling import LABELS_FILE, build_job, run_sampling
+from groupdiff_cli.sampling import build_job, run_sampling
 
 
 def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:
@@ -45,7 +46,6 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
               log=print) -> list[dict]:
-
     if bootstrap == 1:
         raise ValueError("--bootstrap 1: use 0 (no interval) or at least 2 resamples")
     block = label_block(group_sizes, num_samples, align_labels)
@@ -125,7 +125,7 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
             log(f"N={n}: labels differ from N={base}'s, no paired difference")
             continue
         d = metrics.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values,
-                                      estimate=row["fid"] - base_fid)  # the rows' FIDs: not computed again
+                                          estimate=row["fid"] - base_fid)  # the rows' FIDs: not computed again
         row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
         log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
             f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({rounds} resamples of blocks of {block})")

@@ -106,8 +106,8 @@ def main() -> None:
     args = p.parse_args()
     ref = fid.load_reference_stats(args.ref)
     fd = metrics.FrechetDistance(ref.mu, ref.sigma)
-    runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / fid.POOL_FEATURES).exists())
-    pools = {n: np.load(d / fid.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
+    runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / images.POOL_FEATURES).exists())
+    pools = {n: np.load(d / images.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
     counts = fid_against_count(pools, fd, args.block, [int(s) for s in args.sizes.split(",")], args.repeats)
     report = {}
     ref_pool = ref.pool.astype(np.float64)
