@@ -1,6 +1,7 @@
 """Where our models live on disk: run directories and their checkpoints. This module
 writes, finds, prunes, reads and exports them, and nothing else spells the layout;
-``load_model`` also takes an official DiT/SiT file, which ``models.load_pretrained`` reads.
+``load_model`` also takes a file released by others (DiT, SiT, REPA, the GroupDiff authors), which
+``official.load_pretrained`` reads.
 
 A run directory (written by `groupdiff train`)::
 
@@ -32,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.defaults import WEIGHTS
+from groupdiff_cli.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
 from groupdiff_cli.files import read_json_file, write_json_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
-from groupdiff_cli.models import GroupDiT, load_pretrained, model_from_config
+from groupdiff_cli.models import GroupDiT, model_from_config
+from groupdiff_cli.official import load_pretrained
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_PREFIX = "step_"
@@ -157,7 +159,9 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
     """Load a model for inference from one of our runs or an official checkpoint.
 
     Returns the model (eval mode) and a description: the run's config.json (or a
-    minimal one for official files) plus ``checkpoint`` (the file read).
+    minimal one for a foreign file, with ``official``: what ``official.load_pretrained``
+    read) plus ``checkpoint`` (the file read). ``weights`` picks the EMA or the raw
+    weights of our checkpoints and of foreign files that hold both.
     """
     path = Path(ckpt)
     if not path.exists():
@@ -181,9 +185,12 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
         return model.eval(), dict(cfg, checkpoint=str(file))
     if path.is_dir():
         raise ValueError(f"--ckpt {path}: neither a run directory (with config.json) nor a checkpoint file")
-    model, new = load_pretrained(path, name=name)
-    cfg = dict(model=model.config, train=dict(group_size=1, group_mode="none", official=True), dataset={},
-               checkpoint=str(path), new_tensors=new)
+    model, desc = load_pretrained(path, name=name, weights=weights)
+    g = desc["group_size"]  # the authors' release: GroupDiff-l, groups as large as its sample table
+    train = dict(group_size=g or 1, group_mode="l" if g else "none", official=True, source=desc["layout"])
+    # the release was trained and evaluated on sd-vae-ft-mse latents
+    dataset = dict(vae=RELEASE_VAE, vae_scale=SD_VAE_SCALE) if desc["layout"] == "groupdiff" else {}
+    cfg = dict(model=model.config, train=train, dataset=dataset, checkpoint=str(path), official=desc)
     return model.eval(), cfg
 
 

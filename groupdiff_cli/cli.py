@@ -13,15 +13,20 @@ from click.core import ParameterSource
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, DEMO_BOOTSTRAP,
                                     DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_SAMPLE_STEPS, GROUP_MODES, GROUPINGS,
-                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES,
-                                    TRAIN_DEFAULTS, WEIGHTS)
+                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS,
+                                    SAMPLE_IDS, SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS,
+                                    WEIGHTS)
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
 
 
 def _preset_text(values: dict) -> str:
-    return " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in values.items())
+    def value(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+    return " ".join(f"--{k.replace('_', '-')} {value(v)}" if not isinstance(v, bool) else f"--{k}"
+                    for k, v in values.items() if v is not None)
 
 
 class UsageError(click.ClickException):
@@ -223,7 +228,11 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--grad-accum", default=T["grad_accum"], show_default=True, type=click.IntRange(1), help="Gradient accumulation.")
 @click.option("--max-steps", default=T["max_steps"], show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=T["lr"], show_default=True, type=Number(0, 1, min_open=True))
-@click.option("--weight-decay", default=T["weight_decay"], show_default=True, type=Number(0), help="Not on norms, biases, embeddings.")
+@click.option("--weight-decay", default=T["weight_decay"], show_default=True, type=Number(0),
+              help="Not on norms, biases, embeddings (see --no-decay-rule).")
+@click.option("--no-decay-rule", type=click.Choice(NO_DECAY_RULES), default=T["no_decay_rule"], show_default=True,
+              help="Which parameters get no weight decay: ours (norms, biases, label and sample embeddings) or "
+                   "release (the authors': also every parameter named *embed*: patch embedding, timestep MLP).")
 @click.option("--grad-clip", default=T["grad_clip"], show_default=True, type=Number(0, min_open=True))
 @click.option("--ema-decay", default=T["ema_decay"], show_default=True, type=Number(0, 1, max_open=True),
               help="EMA of the weights per step; its horizon is about 1 / (1 - decay) steps: at 0.9999 the EMA "
@@ -234,7 +243,11 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--gradient-checkpointing", is_flag=True, default=T["gradient_checkpointing"])
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--init-from", default=None, type=click.Path(path_type=str),
-              help="Start from an official DiT/SiT checkpoint (.pt) or one of our runs/checkpoints (fine-tuning).")
+              help="Fine-tune: start from a released file as it is (DiT's or SiT's .pt, REPA's SiT, the GroupDiff "
+                   "authors' .pth; its EMA weights) or one of our runs/checkpoints.")
+@click.option("--init-sample-embed-std", default=T["init_sample_embed_std"], show_default=True, type=Number(0),
+              help="With --init-from a file without a sample-embedding table: 0 starts it at zero (step 0 equals "
+                   "the file); the authors' fine-tuning draws it from N(0, 0.02).")
 @click.option("--ckpt-every", default=T["ckpt_every"], show_default=True, type=click.IntRange(1))
 @click.option("--keep-last", default=T["keep_last"], show_default=True, type=click.IntRange(1))
 @click.option("--keep-every", default=None, type=click.IntRange(1), help="Also keep every checkpoint at a multiple.")
@@ -319,14 +332,15 @@ def _interval(value: str) -> tuple[float, float]:
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(path_type=str),
               help="A run directory of `groupdiff train` (its latest checkpoint), one of its checkpoint "
-                   "directories, or an official DiT/SiT .pt/.safetensors file.")
+                   "directories, or a released file as it is: DiT's or SiT's .pt, REPA's SiT, the GroupDiff "
+                   "authors' .pth (docs/reproducing.md).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder: grids/, samples.npz (ADM format), labels.npy. Rerunning the same command "
                    "resumes an interrupted run.")
 @click.option("--model", "model_name", default=None,
               help="Registry name for an official checkpoint (default: read off its shapes and file name).")
 @click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True,
-              help="Which weights of one of our checkpoints.")
+              help="The EMA or the raw weights, of our checkpoints and of released files that hold both.")
 @click.option("--group-size", type=click.IntRange(1), default=None,
               help="Images per group, denoised jointly. [default: the size the checkpoint was trained with]")
 @click.option("--num-samples", type=click.IntRange(1), default=None,
@@ -365,11 +379,23 @@ def _interval(value: str) -> tuple[float, float]:
 @click.option("--chunk-groups", type=click.IntRange(1), default=None,
               help="Groups per chunk file: the unit of resumption and of work handed to each process. "
                    "[default: 256 // group size]")
+@click.option("--sample-ids", type=click.Choice(SAMPLE_IDS), default=None,
+              help="Sample-embedding rows: fixed per image for the whole trajectory, or drawn anew at every "
+                   "network call (the GroupDiff release's). [default: per-call for the authors' released "
+                   "files, fixed otherwise]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=PRECISIONS[0], show_default=True,
+              help="bf16: the network's matrix products in bf16 (as the release's evaluation); the sampler's "
+                   "state and the guidance stay fp32.")
+@click.option("--preset", type=click.Choice(sorted(SAMPLE_PRESETS)), default=None,
+              help="The GroupDiff authors' evaluation of their released models; it sets the options not given "
+                   "on the command line: " + "; ".join(f"{k}: {_preset_text(v)}" for k, v in
+                                                        sorted(SAMPLE_PRESETS.items())) + ".")
 @click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
-def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels, align_labels,
-           cfg_scale,
-           cfg_channels, guidance_interval, cond_group_size, uncond_group_size, sampler, steps, seed, batch_size,
-           vae, vae_batch_size, save_images, chunk_groups, cpu):
+@click.pass_context
+def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels,
+           align_labels, cfg_scale, cfg_channels, guidance_interval, cond_group_size, uncond_group_size, sampler,
+           steps, seed, batch_size, vae, vae_batch_size, save_images, chunk_groups, sample_ids, precision, preset,
+           cpu):
     """Sample groups of images jointly; each group shares one class label.
 
     Writes grids/ (one PNG per 16 images, 4 per row, captioned with their groups and
@@ -383,12 +409,17 @@ def sample(ckpt, out_dir, model_name, weights, group_size, num_samples, class_la
     from groupdiff_cli.sampling import build_job, run_sampling
 
     main_process = process_state(cpu).is_main_process
+    settings = dict(group_size=group_size, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                    guidance_interval=_interval(guidance_interval), cond_group_size=cond_group_size,
+                    uncond_group_size=uncond_group_size, sampler=sampler, steps=steps, precision=precision,
+                    sample_ids=sample_ids, vae=vae)
+    for key, value in SAMPLE_PRESETS.get(preset, {}).items():
+        if ctx.get_parameter_source(key) == ParameterSource.DEFAULT:
+            settings[key] = value
     job, model = build_job(
-        ckpt, weights=weights, model_name=model_name, group_size=group_size, num_samples=num_samples,
-        class_labels=_int_list(class_labels, "--class-labels"), random_labels=random_labels, cfg_scale=cfg_scale,
-        cfg_channels=cfg_channels, guidance_interval=_interval(guidance_interval), cond_group_size=cond_group_size,
-        uncond_group_size=uncond_group_size, sampler=sampler, steps=steps, seed=seed, vae=vae,
-        chunk_groups=chunk_groups, align_labels=align_labels,
+        ckpt, weights=weights, model_name=model_name, num_samples=num_samples,
+        class_labels=_int_list(class_labels, "--class-labels"), random_labels=random_labels, seed=seed,
+        chunk_groups=chunk_groups, align_labels=align_labels, **settings,
         warn=lambda msg: main_process and click.echo(msg, err=True))
     result = run_sampling(job, model, out_dir, batch_size=batch_size, save_images=save_images,
                           vae_batch_size=vae_batch_size, cpu=cpu)

@@ -14,13 +14,28 @@ from dataclasses import dataclass, fields
 # ---- groups ----------------------------------------------------------------
 GROUP_MODES = ("l", "f", "none")  # GroupDiff-l, GroupDiff-f, plain DiT/SiT
 GROUPINGS = ("similarity", "class", "random")
+NO_DECAY_RULES = ("ours", "release")  # which parameters get no weight decay (train._no_decay)
 MAX_GROUP_SIZE = 16  # rows of the sample-embedding table: the largest group a model can run
 STUDY_GROUP_SIZES = (1, 2, 4, 8, 16)  # the group sizes `study` and the held-out evaluation measure
 
 # ---- sampling --------------------------------------------------------------
 CFG_SCALE = 1.5  # DiT/SiT's FID setting
 DEFAULT_STEPS = 250  # sampling steps, DiT's and SiT's
-WEIGHTS = ("ema", "model")  # which weights of one of our checkpoints
+WEIGHTS = ("ema", "model")  # which weights of a checkpoint
+SAMPLE_IDS = ("fixed", "per-call")  # sample-embedding rows: drawn once per image, or anew at every network call
+PRECISIONS = ("fp32", "bf16")  # the network's precision while sampling
+
+# `groupdiff sample --preset NAME`: the GroupDiff authors' evaluation of their released
+# models (their eval.py and scripts/evaluate_pretrained_{sit,dit}.sh); guidance_interval
+# in our time (t = 1 noise), which is theirs too
+SAMPLE_PRESETS = {
+    "release-sit": dict(group_size=4, cfg_scale=2.585, cfg_channels=3, guidance_interval=(0.25, 0.75),
+                        cond_group_size=1, uncond_group_size=4, sampler="sde-sbdm", steps=250, precision="bf16",
+                        sample_ids="per-call", vae="stabilityai/sd-vae-ft-mse"),
+    "release-dit": dict(group_size=4, cfg_scale=1.65, cfg_channels=None, guidance_interval=(0.0, 1.0),
+                        cond_group_size=1, uncond_group_size=4, sampler="ddpm", steps=250, precision="bf16",
+                        sample_ids="per-call", vae="stabilityai/sd-vae-ft-mse"),
+}
 
 # ---- metrics ---------------------------------------------------------------
 MAX_BOOTSTRAP = 100_000  # resamples: 1,000 give a steady 95% interval; beyond this is a typo
@@ -32,6 +47,7 @@ DEMO_CHAIN_STEPS, DEMO_CHAIN_BATCH = 100, 16  # the small from-scratch chain
 
 # ---- data ------------------------------------------------------------------
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+RELEASE_VAE = "stabilityai/sd-vae-ft-mse"  # the GroupDiff authors' latents and decoder
 SD_VAE_SCALE = 0.18215
 PIXEL = "pixel"  # the --vae value of pixel-space models
 DEFAULT_EMBEDDER = "vit_base_patch14_dinov2.lvd142m"
@@ -76,6 +92,8 @@ class TrainOptions:
     seed: int = 0
     cpu: bool = False
     sample_embed_std: float = 0.02  # init of the sample-embedding rows (method.md §2); ignored with --init-from
+    init_sample_embed_std: float = 0.0  # --init-from a file without a sample table: 0 = zeros (step 0 = the file)
+    no_decay_rule: str = "ours"  # one of NO_DECAY_RULES
     eval_data: str | None = None  # held-out `encode` shards: per-branch denoising loss every eval_every steps
     eval_every: int | None = None  # default: ckpt_every
     eval_images: int = 256
@@ -89,6 +107,10 @@ _PAPER = dict(group_mode="l", group_size=4, group_ratio=0.1, grouping="similarit
               timestep_variance=100.0, global_batch_size=256, lr=1e-4, ema_decay=0.9999)
 PRESETS = {
     "sit-xl-l4": dict(_PAPER, model="SiT-XL/2"),
+    # the authors' released SiT: REPA-SiT-XL/2 (--init-from its checkpoint) fine-tuned
+    # 500K steps as GroupDiff-l-4 with their optimiser and initialisation (docs/reproducing.md)
+    "release-sit-finetune": dict(_PAPER, model="SiT-XL/2", timestep_variance=0.0, max_steps=500_000,
+                                 max_group_size=4, no_decay_rule="release", init_sample_embed_std=0.02),
     "dit-xl-l4": dict(_PAPER, model="DiT-XL/2"),
     # the bundled shapes at 32 px (the demo's weights and study/README.md)
     "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,

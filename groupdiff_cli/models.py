@@ -19,11 +19,7 @@ table (``s_embedder``) added to its conditioning vector, c = t_emb + y_emb + s_e
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import pickle
-import re
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from groupdiff_cli.defaults import MAX_GROUP_SIZE
-from groupdiff_cli.integrity import load_safetensors
 
 # name of the one tensor that official DiT/SiT checkpoints lack
 SAMPLE_EMBED_KEY = "s_embedder.weight"
@@ -423,102 +418,6 @@ def count_flops(name: str, group_size: int = 1, **overrides) -> float:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x, t, y, group_size=group_size, sample_ids=ids)
     return counter.get_total_flops() / 2 / group_size
-
-
-# --------------------------------------------------------------------------- #
-#  Official checkpoints                                                        #
-# --------------------------------------------------------------------------- #
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        return load_safetensors(path)
-    # DiT's own training checkpoints also pickle the argparse.Namespace of the run
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's message is a page long; keep the sentence that names the culprit
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            reason = f"it pickles {found.group(1)}" if found else type(e).__name__
-            raise ValueError(f"{path}: refused to load with torch.load(weights_only=True): {reason}") from None
-        except Exception as e:  # not a torch file at all: zip, pickle and index errors alike
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if isinstance(sd, dict):
-        for key in ("ema", "model", "state_dict"):
-            if key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a state dict (nor a dict with 'ema' or 'model')")
-    # checkpoints saved from DDP or torch.compile wrappers
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
-
-
-def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
-    """Read the size, patch, input size, channels and classes off a DiT/SiT state dict."""
-    try:
-        hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        num_patches = sd["pos_embed"].shape[1]
-        out_ch = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
-        num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"not a DiT/SiT state dict (cannot read {e})") from None
-    sizes = [s for s, d in SIZES.items() if d["depth"] == depth and d["hidden_size"] == hidden]
-    if not sizes:
-        raise ValueError(f"no registry size has depth {depth} and hidden size {hidden}")
-    return dict(
-        size=sizes[0],
-        patch_size=patch,
-        input_size=int(round(num_patches**0.5)) * patch,
-        in_channels=in_ch,
-        learn_sigma=out_ch == 2 * in_ch,
-        num_classes=num_classes,
-    )
-
-
-def load_pretrained(path, name: str | None = None, max_group_size: int = MAX_GROUP_SIZE) -> tuple[GroupDiT, list[str]]:
-    """Load an official DiT/SiT checkpoint (or one of ours) into a GroupDiT.
-
-    ``path``: a ``.pt`` (bare state dict, or a dict with "ema"/"model"; read with
-    ``weights_only=True``) or ``.safetensors`` file. ``name``: the registry name; when
-    omitted it is read off the tensor shapes, the family from the file name (official
-    files are called ``SiT-XL-2-256x256.pt`` / ``DiT-XL-2-256x256.pt``; DiT otherwise).
-
-    The sample embedding, which official checkpoints lack, is zero-initialised so the
-    loaded model at any group size 1 equals the pretrained one. Returns the model and
-    the list of tensors that were newly initialised (only ``s_embedder.weight``). Any
-    other missing or unexpected key, or a shape mismatch, is a ValueError listing them.
-    """
-    sd = _read_state_dict(path)
-    arch = infer_architecture(sd)
-    if name is None:
-        family = "SiT" if os.path.basename(str(path)).lower().startswith("sit") else "DiT"
-        name = f"{family}-{arch['size']}/{arch['patch_size']}"
-    model = create_model(
-        name,
-        input_size=arch["input_size"],
-        in_channels=arch["in_channels"],
-        learn_sigma=arch["learn_sigma"],
-        num_classes=arch["num_classes"],
-        max_group_size=max_group_size if SAMPLE_EMBED_KEY not in sd else sd[SAMPLE_EMBED_KEY].shape[0],
-    )
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    new = [k for k in missing if k == SAMPLE_EMBED_KEY]
-    missing = [k for k in missing if k != SAMPLE_EMBED_KEY]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit {name}: missing keys {missing}, unexpected keys {unexpected}")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{path}: checkpoint does not fit {name}: shape mismatch {wrong}")
-    if new:
-        sd = {**sd, SAMPLE_EMBED_KEY: torch.zeros_like(own[SAMPLE_EMBED_KEY])}
-    model.load_state_dict(sd, strict=True)
-    return model, new
 
 
 def describe_models(names: Sequence[str] | None = None, group_size: int = 1) -> list[dict]:

@@ -110,19 +110,36 @@ def _velocity_at(denoiser, x, t):
     return denoiser(x, torch.full((x.shape[0],), float(t), device=x.device))
 
 
-@sampler("sde", "flow", 1, "Euler-Maruyama to t=0.04, then a mean step")
-def flow_sde(objective, denoiser, x, noise, steps):
-    # dx = [v - 1/2 g^2 score] dt + g dW backwards in t, with g^2 = 2 w(t), w = t
-    # (SiT's "sigma" diffusion); for this path w * score = -(x + (1 - t) v).
+SBDM_CLAMP = (1e-4, 0.999)  # the GroupDiff release clamps t here before w(t) = t / (1 - t)
+
+
+def _flow_euler_maruyama(denoiser, x, noise, steps, w):
+    """dx = [v - w(t) score] dt + sqrt(2 w(t)) dW backwards in t, Euler-Maruyama from
+    t = 1 to t = 0.04 on ``steps`` grid points, then one mean step (no noise) to t = 0.
+    On this path score = -(x + (1 - t) v) / t, so the drift is v + w/t (x + (1 - t) v)."""
     grid = np.linspace(1.0, SDE_LAST_STEP, steps) if steps > 1 else np.array([1.0])
+
+    def drift(x, t):
+        vel = _velocity_at(denoiser, x, t)
+        return vel + (w(t) / t) * (x + (1 - t) * vel)
+
     for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         h = t - t_next
-        vel = _velocity_at(denoiser, x, t)
-        drift = vel + (x + (1 - t) * vel)  # v - w * score
-        x = x - h * drift + math.sqrt(2 * t * h) * noise(k)
+        x = x - h * drift(x, t) + math.sqrt(2 * w(t) * h) * noise(k)
     t = grid[-1]
-    vel = _velocity_at(denoiser, x, t)
-    return x - t * (vel + (x + (1 - t) * vel))  # last step: the mean, no noise
+    return x - t * drift(x, t)  # last step: the mean, no noise
+
+
+@sampler("sde", "flow", 1, "Euler-Maruyama with w(t) = t (SiT's and REPA's) to t=0.04, then a mean step")
+def flow_sde(objective, denoiser, x, noise, steps):
+    return _flow_euler_maruyama(denoiser, x, noise, steps, lambda t: t)
+
+
+@sampler("sde-sbdm", "flow", 1, "Euler-Maruyama with the SBDM w(t) = t/(1-t), t clamped to [1e-4, 0.999] (the "
+                                "GroupDiff release's), to t=0.04, then a mean step")
+def flow_sde_sbdm(objective, denoiser, x, noise, steps):
+    lo, hi = SBDM_CLAMP
+    return _flow_euler_maruyama(denoiser, x, noise, steps, lambda t: min(max(t, lo), hi) / (1 - min(max(t, lo), hi)))
 
 
 @sampler("ode", "flow", 1, "Euler")

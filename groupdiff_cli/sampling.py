@@ -5,7 +5,9 @@ its own generator seeded with ``seed + i`` (on the CPU, so the noise is the same
 every device): first its sample-embedding row for the per-image (conditional)
 branch, then its initial noise, then the noise of every stochastic step. A group's
 sample-embedding permutation for the grouped branch comes from a generator seeded
-with ``seed + seeds.GROUP_OFFSET + first index``. So the samples do not depend on the number of
+with ``seed + seeds.GROUP_OFFSET + first index``; with ``sample_ids="per-call"`` (the
+GroupDiff release's way) that generator also draws the rows of every network call,
+the per-image ones included. So the samples do not depend on the number of
 processes or the batch size, and an interrupted run resumes exactly.
 
 CFG: out = uncond + w (cond - uncond), guided on the first C channels (or the first
@@ -19,6 +21,7 @@ data; DDPM step s is t = s / 1000).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zipfile
@@ -32,7 +35,8 @@ from tqdm import tqdm
 
 from groupdiff_cli import samplers
 from groupdiff_cli.checkpoints import load_model, step_of
-from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, SD_VAE_SCALE
+from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, PRECISIONS, SAMPLE_IDS,
+                                    SD_VAE_SCALE)
 from groupdiff_cli.distributed import process_state, take_job_lock
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
 from groupdiff_cli.images import LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE
@@ -66,18 +70,24 @@ class Guidance:
                    job.uncond_group_size)
 
 
-def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, single_ids, group_ids):
+def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, rows, precision: str = "fp32"):
     """(x, the objective's time) -> its prediction, with CFG and group sizes: the
     denoiser the samplers integrate.
 
-    labels, single_ids, group_ids: (M,) for the M = groups * group_size images of x.
+    labels: (M,) for the M = groups * group_size images of x. ``rows()`` gives the
+    sample-embedding rows of the call, (single_ids, group_ids), each (M,): the same
+    every call, or drawn anew (``sample_groups``). ``precision`` "bf16": the network's
+    matrix products run under bf16 autocast; its output, the guidance and the sampler's
+    state stay in fp32.
     """
     m = labels.shape[0]
     null = torch.full_like(labels, model.num_classes)
     c = model.in_channels
 
-    def ids_for(size):
-        return single_ids if size == 1 else group_ids
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(labels.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def sizes(n):
         """Per-group sizes for a branch that runs the batch's groups at size n."""
@@ -89,15 +99,22 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
         t_ours = objective.unit_time(t)
         t_net = objective.network_time(t)
         gc, gu = guidance.cond_group_size, guidance.uncond_group_size
+        single_ids, group_ids = rows()
+
+        def ids_for(size):
+            return single_ids if size == 1 else group_ids
+
         if guidance.active(t_ours):
-            out = model(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([labels, null]),
-                        group_size=sizes(gc) + sizes(gu), sample_ids=torch.cat([ids_for(gc), ids_for(gu)]))
-            cond, uncond = out.chunk(2)
+            with autocast():
+                out = model(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([labels, null]),
+                            group_size=sizes(gc) + sizes(gu), sample_ids=torch.cat([ids_for(gc), ids_for(gu)]))
+            cond, uncond = out.float().chunk(2)
             k = guidance.channels or c
             guided = uncond[:, :k] + guidance.scale * (cond[:, :k] - uncond[:, :k])
             out = torch.cat([guided, cond[:, k:]], dim=1)
         else:
-            out = model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc))
+            with autocast():
+                out = model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc)).float()
         finite = torch.isfinite(out.flatten(1)).all(1)
         if not bool(finite.all()):  # never let NaN samples be written as if valid
             bad = sorted({int(i) // group_size for i in torch.nonzero(~finite).flatten()})
@@ -110,12 +127,16 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
 @torch.no_grad()
 def sample_groups(model, objective, labels: torch.Tensor, first_index: int, group_size: int, guidance: Guidance,
                   seed: int, sampler: str, steps: int, device="cpu",
-                  image_seeds: list[int] | None = None) -> torch.Tensor:
+                  image_seeds: list[int] | None = None, sample_ids: str = "fixed",
+                  precision: str = "fp32") -> torch.Tensor:
     """Sample the images first_index .. first_index + M - 1 (whole groups).
 
     labels: (M,) class of each image (constant within a group). ``image_seeds``
-    overrides the per-image seeds (default seed + index). Returns the final latents
-    (M, C, H, W) on the CPU.
+    overrides the per-image seeds (default seed + index). ``sample_ids`` "fixed": each
+    image keeps its sample-embedding rows for the whole trajectory; "per-call": every
+    network call draws new ones (the GroupDiff release's sampling), from each group's own
+    generator, so the result still does not depend on the batch. Returns the final
+    latents (M, C, H, W) on the CPU.
     """
     m = labels.shape[0]
     if m % group_size:
@@ -132,8 +153,20 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
     def noise(_step):
         return torch.stack([torch.randn(c, s, s, generator=g) for g in gens]).to(device)
 
-    denoiser = make_denoiser(model, objective, labels.to(device), group_size, guidance,
-                             single_ids.to(device), group_ids.to(device))
+    if sample_ids == "per-call":
+        group_gens = [group_rows_generator(seed, first_index + j) for j in range(0, m, group_size)]
+
+        def rows():
+            single = torch.cat([torch.randint(model.max_group_size, (group_size,), generator=g) for g in group_gens])
+            grouped = torch.cat([torch.randperm(model.max_group_size, generator=g)[:group_size] for g in group_gens])
+            return single.to(device), grouped.to(device)
+    else:
+        fixed = single_ids.to(device), group_ids.to(device)
+
+        def rows():
+            return fixed
+
+    denoiser = make_denoiser(model, objective, labels.to(device), group_size, guidance, rows, precision)
     try:
         out = samplers.run(sampler, objective, denoiser, x, noise, steps)
     except NonFiniteSamples as e:
@@ -267,6 +300,8 @@ class SampleJob:
     vae: str
     vae_scale: float
     chunk_groups: int
+    sample_ids: str = "fixed"  # defaults.SAMPLE_IDS
+    precision: str = "fp32"  # defaults.PRECISIONS
 
     @property
     def num_images(self) -> int:
@@ -355,7 +390,7 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
         b1 = min(b0 + groups_per_batch, g1)
         labels = torch.tensor(job.labels[b0:b1]).repeat_interleave(job.group_size)
         z = sample_groups(model, objective, labels, b0 * job.group_size, job.group_size, guidance, job.seed,
-                          job.sampler, job.steps, state.device)
+                          job.sampler, job.steps, state.device, sample_ids=job.sample_ids, precision=job.precision)
         images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
         progress(len(labels))
     images = np.concatenate(images)
@@ -386,8 +421,14 @@ def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path)
 def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,
               class_labels=None, random_labels=False, cfg_scale=CFG_SCALE, cfg_channels=None,
               guidance_interval=(0.0, 1.0), cond_group_size=None, uncond_group_size=None, sampler=None, steps=None,
-              seed=0, vae=None, chunk_groups=None, align_labels=None, loaded=None, warn=print):
+              seed=0, vae=None, chunk_groups=None, align_labels=None, sample_ids=None, precision="fp32", loaded=None,
+              warn=print):
     """Load the checkpoint and resolve every default into a ``SampleJob``.
+
+    The GroupDiff authors' evaluation settings are ``defaults.SAMPLE_PRESETS``
+    (``build_job(ckpt, **SAMPLE_PRESETS["release-sit"], num_samples=50000)``).
+    ``sample_ids`` defaults to "per-call" for the authors' released files (how they
+    were trained and evaluated) and to "fixed" for everything else.
 
     ``align_labels`` M: image i gets class (i // M) mod classes, so that runs at every
     group size dividing M sample identical seeds and labels per image. ``loaded``: what
@@ -405,6 +446,14 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
     if n > trained:
         warn(f"warning: --group-size {n} is larger than the group size this checkpoint was trained with ({trained})")
     ema_warning(info, weights, warn)
+    for note in info.get("official", {}).get("notes", []):
+        warn(note)
+    release = train.get("source") == "groupdiff"
+    sample_ids = sample_ids or ("per-call" if release else "fixed")
+    if sample_ids not in SAMPLE_IDS:
+        raise ValueError(f"--sample-ids {sample_ids}: choose from {', '.join(SAMPLE_IDS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
     labels = _job_labels(model.num_classes, n, num_samples, class_labels, random_labels, align_labels, seed)
     gc, gu = _branch_group_sizes(n, train.get("group_mode"), cond_group_size, uncond_group_size)
     lo, hi = guidance_interval
@@ -426,7 +475,7 @@ def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samp
         cfg_scale=float(cfg_scale), cfg_channels=cfg_channels, guidance_interval=(float(lo), float(hi)),
         cond_group_size=gc, uncond_group_size=gu, objective=objective, sampler=sampler, steps=int(steps),
         seed=int(seed), vae=vae, vae_scale=float(dataset.get("vae_scale", SD_VAE_SCALE)),
-        chunk_groups=chunk_groups or max(1, 256 // n))
+        chunk_groups=chunk_groups or max(1, 256 // n), sample_ids=sample_ids, precision=precision)
     return job, model
 
 

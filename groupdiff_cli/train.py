@@ -26,10 +26,11 @@ from groupdiff_cli.branch_loss import branch_losses, heldout_latents
 from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, is_ours, load_model,
                                        load_training_state, prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
-from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, STUDY_GROUP_SIZES, TrainOptions
+from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, NO_DECAY_RULES, STUDY_GROUP_SIZES, TrainOptions
 from groupdiff_cli.distributed import StopSignals, process_state, take_job_lock
 from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
-from groupdiff_cli.models import MODELS, create_model, load_pretrained
+from groupdiff_cli.models import MODELS, SAMPLE_EMBED_KEY, create_model
+from groupdiff_cli.official import describe, load_pretrained
 from groupdiff_cli.objectives import create as create_objective
 from groupdiff_cli.objectives import for_model
 from groupdiff_cli.seeds import Stream, derived_seed, seed_initialisation
@@ -42,8 +43,12 @@ def default_run_name(o: TrainOptions) -> str:
     return f"{o.model.replace('/', '-')}-{mode}"
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    """Norms, biases and embedding tables get no weight decay."""
+def _no_decay(name: str, p: torch.Tensor, rule: str = "ours") -> bool:
+    """Parameters without weight decay. ours: norms, biases and embedding tables; release
+    (the GroupDiff authors' optimiser): also every parameter whose name holds "embed" (the
+    patch embedding and the timestep MLP too)."""
+    if rule == "release":
+        return p.ndim < 2 or "embed" in name
     return p.ndim < 2 or "embedding_table" in name or name.startswith("s_embedder")
 
 
@@ -60,6 +65,8 @@ def _validate(o: TrainOptions, world: int) -> None:
     if o.global_batch_size % unit:
         raise ValueError(f"--global-batch-size {o.global_batch_size} is not a multiple of processes ({world}) x "
                          f"--grad-accum ({o.grad_accum}) x --group-size ({o.group_size}) = {unit}")
+    if o.no_decay_rule not in NO_DECAY_RULES:
+        raise ValueError(f"--no-decay-rule {o.no_decay_rule}: choose from {', '.join(NO_DECAY_RULES)}")
     if o.grouping not in (None, *GROUPINGS):
         raise ValueError(f"--grouping {o.grouping}: choose from {', '.join(GROUPINGS)}")
     inf = math.inf
@@ -70,6 +77,7 @@ def _validate(o: TrainOptions, world: int) -> None:
               ("--similarity-threshold", o.similarity_threshold, -1, 1, False, False),
               ("--timestep-variance", o.timestep_variance, 0, 1000, False, False),
               ("--sample-embed-std", o.sample_embed_std, 0, inf, False, True),
+              ("--init-sample-embed-std", o.init_sample_embed_std, 0, inf, False, True),
               ("beta1", o.beta1, 0, 1, False, True), ("beta2", o.beta2, 0, 1, False, True)]
     for flag, v, lo, hi, lo_open, hi_open in ranges:
         if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
@@ -207,8 +215,12 @@ class Run:
         """Build the model, EMA and optimizer (from ``ckpt`` when resuming), claim the run
         directory, and hand everything to accelerate."""
         o, self.log, self.warned = self.o, log, False
+        if ckpt is not None:  # a run fine-tuned from a file without learned variance keeps its output layer
+            saved = read_json_file(self.dir / CONFIG_FILE, "--resume").get("model") or {}
+            self.model_overrides["learn_sigma"] = saved.get("learn_sigma", True)
         model = _initial_model(o, self.model_overrides, log if self.state.is_main_process else lambda m: None,
                                resuming=ckpt is not None)
+        self.model_overrides["learn_sigma"] = model.learn_sigma
         self.config["model"] = model.config
         model.gradient_checkpointing = o.gradient_checkpointing
         ema = create_model(o.model, **self.model_overrides).requires_grad_(False)
@@ -403,15 +415,26 @@ def _initial_model(o: TrainOptions, overrides: dict, log, resuming: bool):
     if ours:
         src, _ = load_model(path, "ema")
     else:
-        src, new = load_pretrained(path, name=o.model, max_group_size=o.max_group_size)
-    model = create_model(o.model, **overrides)
-    try:  # official files: s_embedder zero, so step 0 equals the pretrained model
+        src, desc = load_pretrained(path, name=o.model, max_group_size=o.max_group_size)
+    # the output layer as the file has it: REPA's and the release's SiT learn no variance
+    model = create_model(o.model, **dict(overrides, learn_sigma=src.learn_sigma))
+    table = src.state_dict()[SAMPLE_EMBED_KEY].shape[0]
+    if table != o.max_group_size:
+        raise ValueError(f"--init-from {path}: its sample-embedding table has {table} rows; pass --max-group-size "
+                         f"{table}")
+    try:  # foreign files without a sample table: s_embedder zero, so step 0 equals the pretrained model
         model.load_state_dict(src.state_dict())
     except RuntimeError as e:
-        raise ValueError(f"--init-from {path}: does not fit {o.model} on this data "
-                         f"({str(e).splitlines()[0]})") from None
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"--init-from {path}: does not fit {o.model} on this data ({why})") from None
     if not ours:
-        log(f"initialised from {path}; new tensors: {new}")
+        if desc["new_tensors"] and o.init_sample_embed_std > 0:  # the authors' fine-tuning: N(0, 0.02)
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(derived_seed(o.seed, Stream.SAMPLE_EMBED_INIT))
+                model.s_embedder.weight.normal_(0, o.init_sample_embed_std, generator=gen)
+        for note in desc["notes"]:
+            log(note)
+        log(f"initialised from {path} ({describe(desc)}); new tensors: {desc['new_tensors']}")
     return model
 
 
@@ -419,6 +442,6 @@ def _optimizer(model, o: TrainOptions) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            (no_decay if _no_decay(name, p, o.no_decay_rule) else decay).append(p)
     return torch.optim.AdamW([dict(params=decay, weight_decay=o.weight_decay),
                               dict(params=no_decay, weight_decay=0.0)], lr=o.lr, betas=(o.beta1, o.beta2))

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from groupdiff_cli import models
-from groupdiff_cli.models import SAMPLE_EMBED_KEY, GroupDiT, create_model, load_pretrained
+from groupdiff_cli.models import SAMPLE_EMBED_KEY, GroupDiT, create_model
+from groupdiff_cli.official import load_pretrained
 
 # parameter names/shapes of the official DiT checkpoints (a copy of shared/reference/)
 REFERENCE = Path(__file__).resolve().parent / "data" / "dit_reference_keys.json"
@@ -237,8 +238,8 @@ def test_official_checkpoint_round_trips(tmp_path, wrap):
         torch.save({"ema": sd}, path)
     else:  # DiT's train.py checkpoint: model, ema, opt and the argparse args
         torch.save({"model": sd, "ema": sd, "args": argparse.Namespace(model="DiT-S/2")}, path)
-    loaded, new = load_pretrained(path)
-    assert new == [SAMPLE_EMBED_KEY]
+    loaded, desc = load_pretrained(path)
+    assert desc["new_tensors"] == [SAMPLE_EMBED_KEY] and desc["layout"] == "dit-sit" and not desc["converted"]
     assert loaded.config["name"] == "DiT-S/2" and loaded.input_size == 8 and loaded.learn_sigma
     assert torch.count_nonzero(loaded.s_embedder.weight) == 0
     for k, v in sd.items():

@@ -213,4 +213,4 @@ def test_the_registry_lists_samplers_per_objective_with_their_defaults():
     assert {s.objective for s in samplers.SAMPLERS.values()} == set(OBJECTIVES)
     for objective in OBJECTIVES:
         assert samplers.DEFAULT_SAMPLER[objective] in samplers.names_for(objective)
-    assert samplers.names_for("flow") == ["sde", "ode", "heun", "dopri5"]
+    assert samplers.names_for("flow") == ["sde", "sde-sbdm", "ode", "heun", "dopri5"]
