@@ -28,12 +28,12 @@ from groupdiff_cli import fid
 from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step, load_model
 from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
                                     DEMO_GUIDANCE_INTERVAL, DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
-from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, write_digits
+from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
 from groupdiff_cli.images import SAMPLES_FILE, open_images
 from groupdiff_cli.inception import InceptionFeatures, extract_features, load_pool_features
-from groupdiff_cli.integrity import IntegrityError
+from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.sampling import build_job, run_sampling
 from groupdiff_cli.train import TrainOptions, train
 
@@ -45,7 +45,7 @@ PRETRAINED_BASELINE = HERE / "digits-sit-mi1-base"  # the same recipe with --gro
 # the real digits' pool features under the offline TF Inception (the default), stored in
 # fp16 so that the demo skips that Inception pass (~3 min on 2 CPU cores); recomputed for
 # other --inception-weights
-REFERENCE_FEATURES = HERE / "digits-fid-reference" / "pool_features.npz"
+REFERENCE_FEATURES = "digits-fid-reference/pool_features.npz"
 CLASS_NAMES = [str(d) for d in range(10)]
 SAMPLES_PER_CLASS = 16  # one figure row per digit
 
@@ -71,16 +71,26 @@ class Sampling:
 
 
 def digits_reference(out: Path, extractor, log) -> Path:
-    """FID statistics of the 1,797 real digits (from the shipped features when they fit)."""
+    """FID statistics of the 1,797 real digits (from the shipped features when they fit).
+    Both caches it keeps in ``out`` are checked when reused: a bad one is rebuilt, with a note."""
     stats = out / f"digits_fid_stats_{extractor.weights['sha256'][:12]}.npz"
     if stats.exists():
-        return stats
+        try:
+            fid.load_reference_stats(stats)
+            return stats
+        except ValueError as e:  # IntegrityError included
+            log(f"note: {e}: rebuilt")
     real = out / "digits_rgb.npz"
-    if not real.exists():
-        with atomic_path(real) as tmp:
-            np.savez(tmp, arr_0=np.repeat(load_digits()[0][..., None], 3, -1))
+    rgb = np.repeat(load_digits()[0][..., None], 3, -1)
     try:
-        feats = load_pool_features(REFERENCE_FEATURES, open_images(real), extractor)
+        kept = real.exists() and np.array_equal(load_arrays(real)["arr_0"], rgb)
+    except IntegrityError as e:
+        log(f"note: {e}: rewritten")
+        kept = False
+    if not kept:
+        save_arrays(real, arr_0=rgb)
+    try:
+        feats = load_pool_features(shipped(REFERENCE_FEATURES), open_images(real), extractor)
     except IntegrityError as e:
         log(f"note: {e}: recomputed")
         feats = None
@@ -88,6 +98,14 @@ def digits_reference(out: Path, extractor, log) -> Path:
         feats = extract_features(open_images(real), extractor, desc="real digits")
     fid.save_reference(fid.reference_from_features(str(real), feats), stats)
     return stats
+
+
+def check_shipped_runs() -> None:
+    """The shipped weights and configurations, against the package's manifest."""
+    for run in (PRETRAINED, PRETRAINED_BASELINE):
+        for path in sorted(run.rglob("*")):
+            if path.is_file() and path.suffix in (".json", ".safetensors"):
+                shipped(path.relative_to(HERE).as_posix())
 
 
 def _encode(digits: Path, data: Path) -> None:
@@ -169,9 +187,11 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     signal while training raises ``DemoStopped``."""
     t0 = time.perf_counter()
     out = Path(out)
-    InceptionFeatures(inception_weights)  # before any work: the Inception weights given must be readable
+    InceptionFeatures(inception_weights)  # before any work: the Inception weights given must be readable,
     if baseline is not None:
-        load_model(baseline)  # and the baseline must load
+        load_model(baseline)  # the baseline must load,
+    if not from_scratch:
+        check_shipped_runs()  # and the shipped files must be intact
 
     def say(msg):
         log(f"[{time.perf_counter() - t0:5.0f}s] {msg}")

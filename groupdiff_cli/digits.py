@@ -16,6 +16,7 @@ reads as the class they were asked for.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +25,46 @@ from PIL import Image
 from torch import nn
 
 from groupdiff_cli.files import read_json_file, write_json_atomic
-from groupdiff_cli.integrity import load_safetensors, save_safetensors
+from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
 from groupdiff_cli.seeds import evaluation_generator, evaluation_rng, seed_initialisation
 
 HERE = Path(__file__).resolve().parent / "pretrained"
-DIGITS_NPZ = HERE / "digits" / "digits.npz"
-CLASSIFIER = HERE / "digits-classifier"
+MANIFEST = "MANIFEST.json"  # in HERE: the sha256 of every file shipped there (``write_manifest``)
+DIGITS_NPZ = "digits/digits.npz"
+CLASSIFIER = "digits-classifier"
 SIZE = 8  # pixels a side
 LEVELS = 16  # grey levels 0..16 in the source data
 HELDOUT = 30  # real images per class the classifier never sees (300 in all)
 SPLIT_SEED = 0
 
 
+def shipped(rel: str) -> Path:
+    """HERE/rel, a file shipped with the package, checked against the package's manifest:
+    a truncated or altered copy is one line (an ``IntegrityError``), never a traceback."""
+    path = HERE / rel
+    try:
+        want = json.loads((HERE / MANIFEST).read_text()).get(rel)
+    except (OSError, ValueError):
+        raise IntegrityError(HERE / MANIFEST, "unreadable", "reinstall groupdiff") from None
+    if want is None:
+        raise IntegrityError(path, f"it is not listed in {HERE / MANIFEST}", "reinstall groupdiff")
+    if not path.is_file() or file_sha256(path) != want:
+        raise IntegrityError(path, f"its sha256 differs from the one in {HERE / MANIFEST}", "reinstall groupdiff")
+    return path
+
+
+def write_manifest(root: Path = HERE) -> dict:
+    """Record the sha256 of every file under ``root`` (but the manifest) in root/MANIFEST.json:
+    run after changing anything shipped."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts)
+    manifest = {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    write_json_atomic(manifest, root / MANIFEST)
+    return manifest
+
+
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1,797 digits as uint8 images (N, 8, 8) in 0..255 and their labels (N,)."""
-    with np.load(DIGITS_NPZ) as f:
+    with np.load(shipped(DIGITS_NPZ)) as f:
         images, labels = f["images"], f["labels"].astype(np.int64)
     return np.round(images.astype(np.float64) * 255 / LEVELS).astype(np.uint8), labels
 
@@ -110,14 +136,14 @@ def classify(model: DigitClassifier, images: np.ndarray) -> np.ndarray:
     return model.eval()(to_input(images)).argmax(1).numpy()
 
 
-def build_classifier(out=CLASSIFIER) -> dict:
+def build_classifier(out=None) -> dict:
     """Train the classifier on the digits less the held-out split and write its weights
     and its held-out accuracy to ``out`` (what ships in the package)."""
     images, labels = load_digits()
     held = heldout_split(labels)
     model = train_classifier(images[~held], labels[~held])
     acc = float((classify(model, images[held]) == labels[held]).mean())
-    out = Path(out)
+    out = Path(out) if out is not None else HERE / CLASSIFIER
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / "classifier.safetensors")
     info = dict(heldout_accuracy=acc, heldout_images=int(held.sum()), train_images=int((~held).sum()),
@@ -126,9 +152,8 @@ def build_classifier(out=CLASSIFIER) -> dict:
     return info
 
 
-def load_classifier(path=CLASSIFIER) -> tuple[DigitClassifier, dict]:
+def load_classifier() -> tuple[DigitClassifier, dict]:
     """The shipped classifier and its record (held-out accuracy)."""
-    path = Path(path)
     model = DigitClassifier()
-    model.load_state_dict(load_safetensors(path / "classifier.safetensors"))
-    return model.eval(), read_json_file(path / "classifier.json", "the digit classifier")
+    model.load_state_dict(load_safetensors(shipped(f"{CLASSIFIER}/classifier.safetensors")))
+    return model.eval(), read_json_file(shipped(f"{CLASSIFIER}/classifier.json"), "the digit classifier")

@@ -14,12 +14,11 @@ import torch
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import MAX_BOOTSTRAP
 from groupdiff_cli.distributed import process_state
-from groupdiff_cli.files import atomic_path
 from groupdiff_cli.images import (LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG, NpzImages, npz_keys, npz_member,
                                   open_images, recorded_group_size)
 from groupdiff_cli.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, extract_features,
                                      load_pool_features, save_pool_features)
-from groupdiff_cli.integrity import IntegrityError, file_sha256
+from groupdiff_cli.integrity import DIGEST_KEY, IntegrityError, file_sha256, load_arrays, save_arrays
 from groupdiff_cli.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
                                    kernel_inception_distance, paired_fid_difference, precision_recall, resampled_fids)
 from groupdiff_cli.seeds import evaluation_rng
@@ -75,6 +74,8 @@ def load_reference_stats(path: Path) -> Reference:
     """An ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0) or a file written by
     ``save_reference``: (mu, sigma, mu_s, sigma_s, pool)."""
     keys = npz_keys(path)
+    if DIGEST_KEY in keys:  # ours (``save_reference``): checked
+        load_arrays(path)
     ref = Reference(source=str(path), sha256=file_sha256(path))
     for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
         if k in keys:
@@ -92,8 +93,7 @@ def save_reference(ref: Reference, path) -> None:
     """Write reference statistics (and the pool features for P/R) atomically."""
     path = Path(path)
     arrays = {k: getattr(ref, k) for k in ("mu", "sigma", "mu_s", "sigma_s", "pool") if getattr(ref, k) is not None}
-    with atomic_path(path) as tmp:
-        np.savez(tmp, count=np.int64(ref.count or 0), **arrays)
+    save_arrays(path, count=np.int64(ref.count or 0), **arrays)  # with its digest, checked when read
 
 
 def compute_reference_stats(images_path, out, inception_weights=None, batch_size: int = 100, num_workers: int = 0,
@@ -159,6 +159,7 @@ def evaluate_with_features(samples, reference, metrics=DEFAULT_METRICS, inceptio
     read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
     ref = _reference(ref_path, save_ref_stats, read)
     chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
+    notes = [*extractor.notes, *notes]  # what happened to the Inception cache, if anything
     if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
         ref.pool = extract_features(ref.images, desc="reference images", **read).pool
     feats = _features(samples, images, set(chosen) <= POOL_METRICS, "samples", read, notes)

@@ -32,7 +32,7 @@ from accelerate.utils import gather
 from tqdm import tqdm
 
 from groupdiff_cli.distributed import process_state, worker_init
-from groupdiff_cli.files import atomic_path
+from groupdiff_cli.files import atomic_path, write_text_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_arrays, save_arrays
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
@@ -98,20 +98,48 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "groupdiff"
 
 
+def _cached_conversion(src: Path, src_sha: str, notes: list[str]) -> Path:
+    """The converted weights under the user cache, written once with their sha256 beside
+    them (``.sha256``) and checked on every use: a corrupt or unchecked copy is converted
+    again, with a note. An unwritable cache (a read-only home on a cluster) falls back to
+    a temporary folder, with a note saying what to set."""
+    name = f"tf-fid-inception-{src_sha[:16]}.pth"
+    places = [cache_dir(), Path(tempfile.gettempdir()) / f"groupdiff-cache-{os.getuid()}"]
+    for k, folder in enumerate(places):
+        dst, digest = folder / name, folder / (name + ".sha256")
+        try:
+            if dst.is_file() and digest.is_file() and digest.read_text().strip() == file_sha256(dst):
+                return dst
+            if dst.exists():
+                notes.append(f"{dst}: corrupt or unchecked cached Inception weights; converted again")
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dst) as tmp:
+                torch.save(convert_tf_inception(src), tmp)
+            write_text_atomic(digest, file_sha256(dst) + "\n")
+            return dst
+        except OSError as e:
+            if k + 1 < len(places):
+                notes.append(f"cannot write the Inception cache in {folder} ({e.strerror or e}); using "
+                              f"{places[k + 1]} (set XDG_CACHE_HOME to a writable folder to keep it)")
+                continue
+            raise OSError(e.errno, f"cannot write the converted Inception weights in {cache_dir()} nor in "
+                                   f"{folder} ({e.strerror}); set XDG_CACHE_HOME to a writable folder or pass "
+                                   f"--inception-weights PATH") from None
+    raise AssertionError("unreachable")
+
+
 def offline_inception_weights() -> tuple[str, dict] | None:
     """(path, provenance) of the TF FID Inception converted to torch-fidelity's layout,
-    converted once and cached under the TorchScript's sha256; None without the package."""
+    converted once and cached under the TorchScript's sha256; None without the package.
+    The provenance's ``notes`` say what happened to the cache, if anything did."""
     src = tf_inception_torchscript()
     if src is None:
         return None
     src_sha = file_sha256(src)
-    dst = cache_dir() / f"tf-fid-inception-{src_sha[:16]}.pth"
-    if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dst) as tmp:
-            torch.save(convert_tf_inception(src), tmp)
+    notes: list[str] = []
+    dst = _cached_conversion(Path(src), src_sha, notes)
     return str(dst), dict(source=f"{TF_INCEPTION_DIST} {TF_INCEPTION_FILE}", source_path=str(src),
-                          source_sha256=src_sha, logits=False)
+                          source_sha256=src_sha, logits=False, notes=notes)
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -127,8 +155,10 @@ class InceptionFeatures(torch.nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
         extra = dict(logits=True)
+        self.notes: list[str] = []
         if weights_path is None and (offline := offline_inception_weights()) is not None:
             weights_path, extra = offline
+            self.notes = extra.pop("notes")
         if weights_path is not None:
             weights_path = str(weights_path)
             if not os.path.isfile(weights_path):

