@@ -69,11 +69,18 @@ def worker_init():
     return functools.partial(_bind_to_parent, os.getpid())
 
 
+def under_launcher() -> bool:
+    """Started by torchrun's agent (`accelerate launch --multi_gpu`, `torchrun`)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 class StopSignals:
     """While active, SIGTERM and SIGUSR1 are recorded instead of ending the process, so
     that the training loop can finish its step, write a checkpoint and stop
-    (``requested``). Outside the main thread (where Python cannot take signals) it does
-    nothing."""
+    (``requested``). Under a launcher, the death of the launcher (kill -9, or a signal it
+    does not pass on) reaches each process as SIGTERM (the kernel's parent-death signal),
+    so no process runs on as an orphan. Outside the main thread (where Python cannot take
+    signals) it does nothing."""
 
     def __init__(self):
         self.received: str | None = None
@@ -82,9 +89,17 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._old = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+            if under_launcher() and sys.platform.startswith("linux"):
+                launcher = os.getppid()
+                pr_set_pdeathsig = 1
+                ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+                if os.getppid() != launcher:  # it died before the line above took effect
+                    self.received = "SIGTERM"
         return self
 
     def __exit__(self, *exc):
+        if self._old and under_launcher() and sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(1, 0)  # no parent-death signal past training
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old = {}

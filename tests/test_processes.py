@@ -180,3 +180,32 @@ def test_the_launcher_passes_usr1_on_and_every_process_stops_at_the_same_step(da
     assert straight.returncode == 0, straight.stderr[-2000:]
     for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", step + 2)[:2], weights(run, step + 2)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(data, tmp_path):
+    """kill -9 of `accelerate launch` (or a signal it does not pass on): the kernel tells
+    each rank that its parent died (SIGTERM); every rank finishes its step, the job writes
+    one checkpoint and no process is left running; --resume continues."""
+    from test_train import _launch_two
+
+    run = tmp_path / "b" / "SiT-Ti-2-l4"
+    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    try:
+        wait_for_step(job, run, 2, timeout=300)
+        ranks = children(job.pid)
+        assert len(ranks) >= 2
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.time() + 120
+        while any(alive(r) for r in ranks) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(r) for r in ranks), "a rank outlived its launcher"
+    finally:
+        kill_tree(job)
+    (ckpt,) = (run / "checkpoints").glob("step_*")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert step >= 2
+    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(step + 1), "--ckpt-every", "100000",
+                                       "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
