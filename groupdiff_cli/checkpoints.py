@@ -115,7 +115,7 @@ def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
     ValueError naming it."""
     for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
         try:
-            net.load_state_dict(load_safetensors(ckpt / name))
+            net.load_state_dict(load_safetensors(ckpt / name, require_digest=True))
         except RuntimeError as e:
             raise ValueError(f"--resume: {ckpt / name} does not fit the model ({str(e).splitlines()[0]})") from None
     state = read_json_file(ckpt / STATE_FILE, "--resume")
@@ -130,6 +130,8 @@ def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
     step = state.get("step")
     if not isinstance(step, int):
         raise ValueError(f"--resume: {ckpt / STATE_FILE} has no step")
+    if step != checkpoint_step(ckpt):  # resuming it would overwrite the checkpoint of the step it names
+        raise IntegrityError(ckpt / STATE_FILE, f"it says step {step} in the folder of step {checkpoint_step(ckpt)}")
     return step
 
 
@@ -178,7 +180,7 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
         if not file.is_file():
             raise ValueError(f"--ckpt {ckpt_dir}: no {file.name} in this checkpoint")
         try:
-            model.load_state_dict(load_safetensors(file), strict=True)
+            model.load_state_dict(load_safetensors(file, require_digest=True), strict=True)
         except RuntimeError as e:
             raise ValueError(f"--ckpt {file}: does not fit the model in config.json "
                              f"({str(e).splitlines()[0]})") from None
@@ -201,7 +203,7 @@ def export_ema(ckpt_dir, dest, dtype=torch.float16, note: dict | None = None) ->
     cfg = read_json_file(ckpt_dir.parent.parent / CONFIG_FILE, "export")
     target = checkpoint_dir(dest, checkpoint_step(ckpt_dir))
     target.mkdir(parents=True, exist_ok=True)
-    ema = load_safetensors(ckpt_dir / EMA_FILE)
+    ema = load_safetensors(ckpt_dir / EMA_FILE, require_digest=True)
     save_safetensors({k: v.to(dtype) for k, v in ema.items()}, target / EMA_FILE)
     write_json_atomic(dict(cfg, shipped=dict(note or {}, weights=f"EMA at step {checkpoint_step(ckpt_dir)}, "
                                                                f"stored as {str(dtype).removeprefix('torch.')}")),

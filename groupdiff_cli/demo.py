@@ -17,6 +17,8 @@ scratch at a small size (encode -> train -> sample) to show that it works here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,7 +215,10 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     else:
         run, baseline = PRETRAINED, baseline or PRETRAINED_BASELINE
         say(f"the shipped weights: {run} and the baseline {baseline} (their READMEs say how they were trained)")
-    where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}")
+    # one folder per comparison: other settings (or a moved --out, whose runs have other
+    # paths) sample anew beside what is there, and a rerun of the same reuses it
+    key = hashlib.sha256(json.dumps([str(run), str(baseline), asdict(sampling), groups_per_class]).encode())
+    where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}") / key.hexdigest()[:10]
     summary = compare(run, baseline, where, out, sampling, groups_per_class, inception_weights, bootstrap, log)
     imgs = summary.pop("images")
     figure = out / "groupdiff_vs_baseline.png"

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groupdiff_cli.files import read_json_file, write_json_atomic
+from groupdiff_cli.files import atomic_path, read_json_file, write_json_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
 from groupdiff_cli.seeds import evaluation_generator, evaluation_rng, seed_initialisation
 
@@ -71,14 +71,23 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def write_digits(root) -> Path:
     """The digits as a class-folder tree of 8x8 grey PNGs (``ROOT/<digit>/<index>.png``), the
-    layout `groupdiff encode` reads. Files already there are kept."""
+    layout `groupdiff encode` reads. Each file is written atomically; one already there is
+    kept only if it holds the right pixels (an interrupted earlier run may have left
+    anything), so the tree always holds every digit."""
     root = Path(root)
     images, labels = load_digits()
     for i, (img, label) in enumerate(zip(images, labels)):
         path = root / str(label) / f"{i:04d}.png"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, "L").save(path)
+        if path.exists():
+            try:
+                with Image.open(path) as kept:
+                    if np.array_equal(np.asarray(kept), img):
+                        continue
+            except (OSError, ValueError):
+                pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Image.fromarray(img, "L").save(tmp, format="PNG")
     return root
 
 

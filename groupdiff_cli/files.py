@@ -15,14 +15,28 @@ class InputError(RuntimeError):
     accepted): the CLI shows it as one line with exit code 1."""
 
 
+def _file_mode() -> int:
+    """What a plain new file gets under the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path`` (same suffix, so writers that pick the
-    format by extension work); it replaces ``path`` only if the block completes."""
+    format by extension work); it replaces ``path`` only if the block completes. The
+    file gets a plain file's permissions (some writers create private 0600 files), so
+    others on a shared results folder can read it as they read the rest."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

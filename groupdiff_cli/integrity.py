@@ -61,9 +61,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_safetensors(path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, checked against its digest when it has one.
-    ValueError naming the file when it is not a readable safetensors file."""
+def load_safetensors(path, require_digest: bool = False) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, checked against its digest when it has one (and,
+    with ``require_digest``, an IntegrityError when it has none: every file we write
+    carries one, so a digest that is missing was damaged). ValueError naming the file
+    when it is not a readable safetensors file."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -71,6 +73,8 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     except Exception as e:  # SafetensorError, header decoding, OS errors
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if DIGEST_KEY not in meta and require_digest:
+        raise IntegrityError(path, "it carries no checksum although groupdiff wrote it")
     if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensors_digest(tensors):
         raise IntegrityError(path)
     return tensors

@@ -135,11 +135,25 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
             f"a window then spans epochs, so an image can appear twice in one window (even in one group)")
     try:
         with StopSignals() as stop:
-            run.start(ckpts[-1] if resume else None, log)
+            _start(run, ckpts if resume else [], log)
             return run.loop(batches, heldout, stop)
     finally:
         batches.close()
         lock.release()
+
+
+def _start(run: "Run", ckpts: list[Path], log) -> None:
+    """Start fresh, or from the newest checkpoint that reads back intact: a damaged one
+    (a flipped byte, a truncated file) is passed over for the one before, with a note."""
+    for k in range(len(ckpts) - 1, -1, -1):
+        try:
+            return run.start(ckpts[k], log)
+        except ValueError as e:  # IntegrityError included
+            if k == 0:
+                raise
+            if run.state.is_main_process:
+                log(f"note: {e}; resuming from {ckpts[k - 1].name} instead")
+    run.start(None, log)
 
 
 def _check_same_latent_space(info: dict, heldout: dict | None) -> None:

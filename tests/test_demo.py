@@ -76,7 +76,8 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
         assert d["block"] == 4 and d["resamples"] == 20 and d["ci95"][0] <= d["ci95"][1]
     assert s["classifier"]["heldout_accuracy"] > 0.97 and s["wall_time_s"] > 0
     # all three sides: the same seeds and labels, image by image; only the grouped one in groups
-    folders = [out / "samples" / name for name in ("groupdiff_l_N4", "baseline", "groupdiff_l_N1")]
+    (where,) = (out / "samples").iterdir()
+    folders = [where / name for name in ("groupdiff_l_N4", "baseline", "groupdiff_l_N1")]
     arrays = [np.load(f / "samples.npz") for f in folders]
     assert all(a["arr_0"].shape == (160, 8, 8, 3) and np.array_equal(a["arr_1"], arrays[0]["arr_1"]) for a in arrays)
     assert arrays[0]["arr_1"].tolist() == [c for c in range(10) for _ in range(16)]
@@ -95,7 +96,11 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
     assert s2["run"] == str(out / "runs" / "demo") and s2["baseline_run"] == str(out / "runs" / "demo-baseline")
     base_cfg = json.loads((out / "runs" / "demo-baseline" / "config.json").read_text())["train"]
     assert base_cfg["group_mode"] == "none" and base_cfg["label_dropout"] == 0.1 and base_cfg["max_steps"] == 2
-    assert (out / "samples_from_scratch_2" / "baseline").is_dir()
+    assert len(list((out / "samples_from_scratch_2").glob("*/baseline"))) == 1
+    # other settings in the same --out sample anew beside the first, refusing nothing
+    other = CliRunner().invoke(main, args + ["--cfg-scale", "3"])
+    assert other.exit_code == 0, other.output
+    assert len(list((out / "samples").iterdir())) == 2
 
 
 def test_sigterm_while_the_demo_trains_exits_75_and_the_rerun_continues(tmp_path):

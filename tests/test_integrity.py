@@ -203,3 +203,53 @@ def test_a_damaged_shipped_file_is_one_line_before_any_work(tmp_path, monkeypatc
     one_line(cli("demo", "--out", tmp_path / "demo"), 2, str(copy / digits.DIGITS_NPZ), "sha256 differs",
              "reinstall groupdiff")
     assert not (tmp_path / "demo" / "runs").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_resume_stays_exact(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "4", "--keep-last", "5")).exit_code == 0
+    assert cli(*train_args(data, tmp_path / "s", "--max-steps", "6", "--keep-last", "5")).exit_code == 0
+    (run,) = (tmp_path / "r").iterdir()
+    flip_bytes(run / "checkpoints" / "step_0000004" / "optimizer.pt", 120, 16)
+    res = cli(*train_args(data, tmp_path / "r", "--max-steps", "6", "--keep-last", "5", "--resume"))
+    assert res.exit_code == 0, res.output
+    assert "optimizer.pt: corrupt" in res.output and "resuming from step_0000002 instead" in res.output
+    (straight,) = (tmp_path / "s").iterdir()
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = integrity.load_safetensors(run / "checkpoints" / "step_0000006" / name)
+        b = integrity.load_safetensors(straight / "checkpoints" / "step_0000006" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_file_naming_another_step_is_refused(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "2")).exit_code == 0
+    state = next((tmp_path / "r").rglob("step_0000002/state.json"))
+    state.write_text(json.dumps(dict(json.loads(state.read_text()), step=5)))
+    before = snapshot(tmp_path / "r")
+    one_line(cli(*train_args(data, tmp_path / "r", "--max-steps", "6", "--resume")), 2, str(state),
+             "says step 5 in the folder of step 2")
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_our_weights_without_their_checksum_are_refused(pixel_run, tmp_path):  # noqa: F811
+    """A flip that hits the digest's key would otherwise switch the check off."""
+    from safetensors.torch import save_file
+
+    from groupdiff_cli.checkpoints import checkpoint_dirs
+
+    run = tmp_path / "run"
+    shutil.copytree(pixel_run, run)
+    ema = checkpoint_dirs(run)[-1] / "ema.safetensors"
+    save_file(integrity.load_safetensors(ema), str(ema))  # the same tensors, no digest
+    one_line(cli(*sample_args(run, tmp_path / "o")), 2, str(ema), "carries no checksum")
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    integrity.save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    integrity.save_arrays(tmp_path / "a.npz", x=np.ones(2))
+    from groupdiff_cli.files import FILE_MODE
+
+    for name in ("w.safetensors", "a.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE & 0o044  # group and others may read under the usual umask

@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import save_file
 
 from groupdiff_cli.cli import main
+from groupdiff_cli.integrity import save_safetensors
 from groupdiff_cli.models import SAMPLE_EMBED_KEY, create_model
 from groupdiff_cli.objectives import DDPM, Flow
 from groupdiff_cli.sampling import Guidance, grid_image, sample_groups
@@ -37,8 +37,8 @@ def write_run(root: Path, name="DiT-Ti/2", group_mode="l", group_size=4, vae="pi
     model = random_model(name, **kw)
     ckpt = root / "checkpoints" / "step_0000010"
     ckpt.mkdir(parents=True)
-    save_file(model.state_dict(), str(ckpt / "ema.safetensors"))
-    save_file({k: v * 0 for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    save_safetensors(model.state_dict(), ckpt / "ema.safetensors")
+    save_safetensors({k: v * 0 for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
     cfg = dict(model=model.config, train=dict(group_size=group_size, group_mode=group_mode),
                dataset=dict(vae=vae, vae_scale=1.0 if vae == "pixel" else 0.18215))
     (root / "config.json").write_text(json.dumps(cfg))
