@@ -368,7 +368,7 @@ def _interval(value: str) -> tuple[float, float]:
               help="Group size of the unconditional branch. [default: the group size]")
 @click.option("--sampler", cls=SamplerOption, default=None)
 @click.option("--steps", type=click.IntRange(1), default=None, help=f"Sampling steps. [default: {DEFAULT_STEPS}]")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i draws from a stream keyed by (seed, i): other seeds give independent images.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Images per forward pass and process (rounded down to whole groups).")
 @click.option("--vae", default=None,

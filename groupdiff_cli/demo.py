@@ -124,7 +124,8 @@ def _train(data: Path, runs: Path, name: str, steps: int, batch: int, **changes)
     done = [checkpoint_step(p) for p in checkpoint_dirs(run)]
     if not any(s >= steps for s in done):
         recipe = dict(PRESETS[DEMO_RECIPE], global_batch_size=batch, **changes)
-        opts = TrainOptions(data=str(data), results_dir=str(runs), run_name=name, group_buffer=len(load_digits()[1]),
+        opts = TrainOptions(data=str(data), results_dir=str(runs), run_name=name,
+                            group_buffer=max(len(load_digits()[1]), batch),  # a window: the whole set
                             max_steps=steps, ckpt_every=max(1, steps // 4), log_every=50, cpu=True, **recipe)
         result = train(opts, resume=bool(done), log=lambda m: None)
         if result.get("stopped_by"):
@@ -202,10 +203,11 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     _encode(digits, out / "data")
     say(f"encoded the {len(load_digits()[1])} real digits at 8x8: {out / 'data'}")
     chain = _train(out / "data", out / "runs", "chain", chain_steps, DEMO_CHAIN_BATCH)
-    _sample(load_model(chain), chain, out / "chain_samples", [0] * (SAMPLES_PER_CLASS // sampling.group_size),
-            sampling, sampling.group_size)
+    chain_out = out / "chain_samples" / _key(chain, sampling)
+    _sample(load_model(chain), chain, chain_out, [0] * (SAMPLES_PER_CLASS // sampling.group_size), sampling,
+            sampling.group_size)
     say(f"trained {DEMO_MODEL} for {chain_steps} steps from scratch and sampled {SAMPLES_PER_CLASS} images from it "
-        f"(the chain runs here; too short to draw digits): {out / 'chain_samples'}")
+        f"(the chain runs here; too short to draw digits): {chain_out}")
     if from_scratch:
         batch = PRESETS[DEMO_RECIPE]["global_batch_size"]
         run = _train(out / "data", out / "runs", "demo", from_scratch, batch)
@@ -215,10 +217,8 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     else:
         run, baseline = PRETRAINED, baseline or PRETRAINED_BASELINE
         say(f"the shipped weights: {run} and the baseline {baseline} (their READMEs say how they were trained)")
-    # one folder per comparison: other settings (or a moved --out, whose runs have other
-    # paths) sample anew beside what is there, and a rerun of the same reuses it
-    key = hashlib.sha256(json.dumps([str(run), str(baseline), asdict(sampling), groups_per_class]).encode())
-    where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}") / key.hexdigest()[:10]
+    where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}")
+    where = where / _key(run, baseline, sampling, groups_per_class)
     summary = compare(run, baseline, where, out, sampling, groups_per_class, inception_weights, bootstrap, log)
     imgs = summary.pop("images")
     figure = out / "groupdiff_vs_baseline.png"
@@ -235,6 +235,13 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
         say(f"{text} = {d['value']:+.2f}, paired 95% interval [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
     say(f"{figure}, {out / 'summary.json'}")
     return summary
+
+
+def _key(*parts) -> str:
+    """A folder name per comparison: other settings (or a moved --out, whose runs have other
+    paths) sample anew beside what is there, and a rerun of the same reuses it."""
+    text = json.dumps([asdict(p) if isinstance(p, Sampling) else str(p) for p in parts])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 TITLES = ("GroupDiff-l, unconditional branch in groups", "baseline (plain SiT), the same seeds",

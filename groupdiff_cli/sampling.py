@@ -1,11 +1,11 @@
 """Joint group sampling: every group of N images shares a class and is denoised together.
 
 Reproducibility: image i (counted over the whole run) draws all its randomness from
-its own generator seeded with ``seed + i`` (on the CPU, so the noise is the same on
+its own generator keyed by (seed, i) (``seeds.seeds_of_images``; on the CPU, so the noise is the same on
 every device): first its sample-embedding row for the per-image (conditional)
 branch, then its initial noise, then the noise of every stochastic step. A group's
 sample-embedding permutation for the grouped branch comes from a generator seeded
-with ``seed + seeds.GROUP_OFFSET + first index``; with ``sample_ids="per-call"`` (the
+keyed by (seed, first index); with ``sample_ids="per-call"`` (the
 GroupDiff release's way) that generator also draws the rows of every network call,
 the per-image ones included. So the samples do not depend on the number of
 processes or the batch size, and an interrupted run resumes exactly.
@@ -134,7 +134,7 @@ def sample_groups(model, objective, labels: torch.Tensor, first_index: int, grou
     """Sample the images first_index .. first_index + M - 1 (whole groups).
 
     labels: (M,) class of each image (constant within a group). ``image_seeds``
-    overrides the per-image seeds (default seed + index). ``sample_ids`` "fixed": each
+    overrides the per-image seeds (default: keyed by seed and index). ``sample_ids`` "fixed": each
     image keeps its sample-embedding rows for the whole trajectory; "per-call": every
     network call draws new ones (the GroupDiff release's sampling), from each group's own
     generator, so the result still does not depend on the batch. Returns the final

@@ -16,17 +16,15 @@ import torch
 
 
 class Stream(IntEnum):
-    """The last coordinate of ``derived_seed`` for the torch streams of training."""
+    """The last coordinate of ``derived_seed`` for the torch streams of training, and the
+    second of the streams of sampling."""
 
     BATCH = 0  # per batch: flips, noise of the latent moments, label drops (data.GroupBatches)
     DIFFUSION = 1  # per micro-step: diffusion times, their jitter, the noise
     SAMPLE_IDS = 2  # per micro-step: the sample-embedding rows of each group
     SAMPLE_EMBED_INIT = 3  # once: the sample-embedding rows at initialisation (--sample-embed-std)
-
-
-# sampling: group j's sample-embedding permutation is seeded with seed + GROUP_OFFSET +
-# its first image index; image i's own stream with seed + i (sampling.sample_groups)
-GROUP_OFFSET = 2**32
+    IMAGE = 4  # sampling: image i's own stream, keyed (seed, IMAGE, i)
+    GROUP_ROWS = 5  # sampling: the sample-embedding rows of the group whose first image is i
 
 
 def derived_seed(*ints: int) -> int:
@@ -52,8 +50,10 @@ def similarity_rng(seed: int, window: int) -> np.random.Generator:
 
 # torch streams of sampling and evaluation
 def seeds_of_images(seed: int, first_index: int, count: int) -> list[int]:
-    """The seeds of images first_index .. first_index + count - 1 of a sampling job."""
-    return [seed + first_index + i for i in range(count)]
+    """The seeds of images first_index .. first_index + count - 1 of a sampling job, keyed
+    by (seed, image index): different --seed values give independent images (not the
+    same images shifted by one), whatever the batch or the number of processes."""
+    return [derived_seed(seed, Stream.IMAGE, first_index + i) for i in range(count)]
 
 
 def image_generator(image_seed: int) -> torch.Generator:
@@ -64,7 +64,7 @@ def image_generator(image_seed: int) -> torch.Generator:
 
 def group_rows_generator(seed: int, first_index: int) -> torch.Generator:
     """The sample-embedding rows of the group whose first image is ``first_index``."""
-    return torch.Generator().manual_seed(seed + GROUP_OFFSET + first_index)
+    return torch.Generator().manual_seed(derived_seed(seed, Stream.GROUP_ROWS, first_index))
 
 
 def label_generator(seed: int) -> torch.Generator:

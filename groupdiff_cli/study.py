@@ -1,6 +1,6 @@
 """The group-size study (the paper's Table 1 / scaling figure) for one checkpoint.
 
-For each group size N: sample the same images (image i has seed + i and class
+For each group size N: sample the same images (image i has the stream of (seed, i) and class
 (i // max N) mod classes, so every group size sees identical seeds and labels), FID
 with a bootstrap interval that resamples whole groups, and S_cross from `attention`.
 Because image i is the same seed and label at every N, FID(N) - FID(smallest N) gets a

@@ -17,6 +17,7 @@ from groupdiff_cli.integrity import save_safetensors
 from groupdiff_cli.models import SAMPLE_EMBED_KEY, create_model
 from groupdiff_cli.objectives import DDPM, Flow
 from groupdiff_cli.sampling import Guidance, grid_image, sample_groups
+from groupdiff_cli.seeds import seeds_of_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,11 +80,12 @@ def test_cfg_one_is_per_image_and_cfg_above_one_couples_the_group(name, objectiv
     torch.testing.assert_close(go(4, 1.0), alone, atol=1e-5, rtol=1e-5)  # GroupDiff-l, w = 1: no interaction
 
     base = go(4, 4.0)
-    moved = go(4, 4.0, seeds=[100, 1, 2, 3, 4, 5, 6, 7])  # only image 0's noise changes
+    seeds = seeds_of_images(0, 0, 8)
+    moved = go(4, 4.0, seeds=[12345] + seeds[1:])  # only image 0's noise changes
     for i in (1, 2, 3):
         assert not torch.allclose(base[i], moved[i], atol=1e-6), f"group-mate {i} did not see image 0"
     torch.testing.assert_close(base[4:], moved[4:], atol=1e-6, rtol=1e-6)  # the other group did not
-    no_cfg = go(4, 1.0, seeds=[100, 1, 2, 3, 4, 5, 6, 7])
+    no_cfg = go(4, 1.0, seeds=[12345] + seeds[1:])
     torch.testing.assert_close(no_cfg[1:], go(4, 1.0)[1:], atol=1e-6, rtol=1e-6)
 
 
@@ -248,3 +250,18 @@ def test_bad_input_is_one_line_with_exit_code_2(dit_run, tmp_path, extra, messag
 def test_missing_checkpoint(tmp_path):
     res = run("--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "s", "--class-labels", "1")
     assert res.exit_code == 2 and "--ckpt" in res.output and "no such file" in res.output
+
+
+def test_different_seeds_give_independent_images_not_shifted_ones():
+    """Image i's stream is keyed by (seed, i): seed 1 does not redraw seed 0's images
+    shifted by one, so a mean over seeds never counts one sample twice."""
+    a, b = seeds_of_images(0, 0, 64), seeds_of_images(1, 0, 64)
+    assert not set(a) & set(b)
+    assert seeds_of_images(0, 10, 5) == a[10:15]  # still a function of the index alone (batch, GPUs)
+    model = random_model("SiT-Ti/2", input_size=8, in_channels=3, num_classes=10, max_group_size=8)
+    g = Guidance(1.0, None, (0.0, 1.0), 1, 1)
+    labels = torch.tensor([3] * 4)
+    x0 = sample_groups(model, Flow(), labels, 0, 1, g, 0, "ode", 2)
+    x1 = sample_groups(model, Flow(), labels, 0, 1, g, 1, "ode", 2)
+    for i in range(3):
+        assert not torch.allclose(x1[i], x0[i + 1], atol=1e-3)
