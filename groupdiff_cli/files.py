@@ -12,7 +12,14 @@ from pathlib import Path
 
 class InputError(RuntimeError):
     """A user file found unreadable or corrupt while a job runs (after its options were
-    accepted): the CLI shows it as one line with exit code 1."""
+    accepted): the CLI shows it as one line with exit code 1.
+
+    The rule for exit codes: what is refused before the job's work starts (a bad option,
+    an input file that fails its check when first read, ``IntegrityError`` included) is a
+    ``ValueError``, exit code 2, nothing written; what is found wrong once the work runs
+    (a shard that turns out corrupt in the middle of an epoch) is an ``InputError``, exit
+    code 1, with the work done so far kept. A cache that fails its check is neither: it is
+    rebuilt, with a note."""
 
 
 def _file_mode() -> int:

@@ -25,7 +25,9 @@ DIGEST_KEY = "groupdiff_sha256"
 
 
 class IntegrityError(ValueError):
-    """A file whose content does not match the checksum written with it."""
+    """A file whose content does not match the checksum written with it. A ValueError:
+    found when the file is first read, before the work it feeds, it exits with code 2
+    (the rule is written at ``files.InputError``)."""
 
     def __init__(self, path, what: str = "its content does not match the checksum written with it",
                  fix: str = "restore it or delete it and run again"):

