@@ -83,6 +83,8 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
         (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state, sha256=sha)))
     except Exception as e:  # safetensors and torch report a full disk in errors of their own
         shutil.rmtree(tmp, ignore_errors=True)
+        if "DataLoader worker" in str(e):  # torch's report of a dead loader worker, raised wherever the step is
+            raise
         raise _write_error(e, final) from None
     if final.exists():
         shutil.rmtree(final)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import click
@@ -59,8 +60,8 @@ def _writes_to(flag: str, path) -> None:
 
 class OneLineErrors(click.Group):
     # Library functions raise ValueError for bad input: one line, exit 2. Failures found
-    # while running (a corrupt shard, NaN samples, a full disk) are one line, exit 1.
-    # --debug or GROUPDIFF_DEBUG=1 shows the traceback instead.
+    # while running (a corrupt shard, NaN samples, a full disk, a dead worker) are one
+    # line, exit 1. --debug or GROUPDIFF_DEBUG=1 shows the traceback instead.
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -69,15 +70,46 @@ class OneLineErrors(click.Group):
         except (ValueError, FileNotFoundError) as e:
             if _debug(ctx):
                 raise
+            _end_progress_bars()
             raise UsageError(str(e)) from e
         except (InputError, FloatingPointError) as e:
             if _debug(ctx):
                 raise
+            _end_progress_bars()
             raise RunError(str(e)) from e
         except OSError as e:
             if _debug(ctx):
                 raise
+            _end_progress_bars()
             raise RunError(_os_error_line(e, ctx)) from e
+        except RuntimeError as e:
+            line = None if _debug(ctx) else _worker_error_line(e)
+            if line is None:
+                raise
+            _end_progress_bars()
+            raise RunError(line) from e
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars still open, so that the error starts a line of its own."""
+    import sys
+
+    bars = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(bars, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def _worker_error_line(e: RuntimeError) -> str | None:
+    """torch's report of a dead worker process (the out-of-memory killer's work, or a
+    shared-memory failure inside it) as one line saying what to do; None for others."""
+    msg = str(e)
+    if "DataLoader worker" not in msg:
+        return None
+    killed = re.search(r"killed by signal: ([\w ]+)", msg)
+    how = f"killed by signal {killed.group(1).strip()}" if killed else "it exited unexpectedly"
+    return (f"the data loader's worker process died ({how}; the out-of-memory killer does this); what was "
+            f"written is intact: rerun the same command (train: with --resume), with --num-workers 0 or a "
+            f"smaller --group-buffer if memory is short")
 
 
 class Number(click.FloatRange):
@@ -220,6 +252,10 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
                    "process reads and groups the next window while this one trains; two windows sit in "
                    "shared memory (/dev/shm): 2 x N x bytes per record, e.g. 1.4 GB at 20,000 for "
                    "ImageNet-256 SD-VAE latents with flips and 768-d embeddings (35.8 kB per record).")
+@click.option("--num-workers", default=T["num_workers"], show_default=True, type=click.IntRange(0, 1),
+              help="1: a worker process reads and groups the next window while this one trains (two windows in "
+                   "/dev/shm); 0: the training process does it between windows (no shared memory; the step "
+                   "waits). Not part of the run's options: change it on --resume.")
 @click.option("--timestep-variance", default=T["timestep_variance"], show_default=True, type=Number(0, 1000),
               help="sigma_tv: jitter of each group member's time around the group's, in DDPM steps "
                    "(the same fraction of [0, 1] for flow). The paper's best: 100.")

@@ -447,7 +447,16 @@ class WindowBuilder(torch.utils.data.Dataset):
                 raise ValueError(f"--group-buffer {window}: two windows need {size_text(2 * self.window_bytes)} "
                                  f"of shared memory and /dev/shm has {size_text(free)} free; lower "
                                  f"--group-buffer or give the container more (docker run --shm-size)")
-        self.buffers = [window_tensors(probe, window, shared) for _ in range(2)]
+        try:
+            self.buffers = [window_tensors(probe, window, shared) for _ in range(2)]
+        except RuntimeError as e:  # torch's shared memory: /dev/shm read-only, or full after the check (a race)
+            if not shared:
+                raise
+            why = str(e).splitlines()[0].rsplit(": ", 1)[-1]
+            raise ValueError(f"--group-buffer {window}: the loader's two windows ({size_text(2 * self.window_bytes)})"
+                             f" cannot be placed in shared memory (/dev/shm: {why}); pass --num-workers 0 (no "
+                             f"worker process, no shared memory) or give the job a writable /dev/shm with room "
+                             f"(docker run --shm-size)") from None
         self._views: dict[int, Window] = {}
         self._iter, self._iter_pos = None, None
 

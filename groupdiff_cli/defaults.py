@@ -69,6 +69,7 @@ class TrainOptions:
     grouping: str | None = None  # one of GROUPINGS; default similarity when embeddings exist
     similarity_threshold: float = 0.7
     group_buffer: int = 20_000
+    num_workers: int = 1  # 1: a worker process builds the next window in shared memory; 0: in the training process
     timestep_variance: float = 0.0
     max_group_size: int = MAX_GROUP_SIZE
     global_batch_size: int = 256

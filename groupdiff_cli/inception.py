@@ -241,8 +241,6 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
                      state=None, desc: str = "features") -> Features:
     """Inception features of every image, in order. Under `accelerate launch` each rank
     takes a contiguous share and the features are gathered on every rank."""
-
-
     state = state or process_state()
     n = len(images)
     counts = [n // state.num_processes + (r < n % state.num_processes) for r in range(state.num_processes)]
@@ -253,8 +251,16 @@ def extract_features(images, extractor: InceptionFeatures, batch_size: int = 100
     extractor = extractor.to_device(state.device).eval()
     out = {POOL: [], LOGITS: [], SPATIAL: [], "digest": []}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not state.is_main_process, leave=False)
+    try:
+        batches = iter(loader)
+    except OSError as e:  # worker processes need /dev/shm for their queues and tensors
+        if not num_workers:
+            raise
+        bar.close()
+        raise ValueError(f"--num-workers {num_workers}: worker processes need a writable /dev/shm with room "
+                         f"({e.strerror or e}); pass --num-workers 0") from None
     with torch.inference_mode():
-        for batch in loader:
+        for batch in batches:
             feats = extractor(batch.to(state.device, non_blocking=True))
             for k, v in feats.items():
                 out[k].append(v.cpu())

@@ -188,7 +188,7 @@ def _check_run_dir(o: TrainOptions, run_dir: Path, resume: bool) -> list[Path]:
         saved = read_json_file(run_dir / CONFIG_FILE, "--resume")
         # where the run lives and how long it runs may change; options added since it
         # started take their defaults
-        free = dict(max_steps=None, results_dir=None)
+        free = dict(max_steps=None, results_dir=None, num_workers=None)
         mine = dict(asdict(o), **free)
         theirs = {**asdict(TrainOptions(data=o.data)), **saved.get("train", {}), **free}
         if mine != theirs:
@@ -223,7 +223,8 @@ class Run:
         recipe = GroupRecipe(o.group_mode, o.group_size, o.group_ratio, o.grouping, o.similarity_threshold)
         return GroupBatches(self.info, recipe, batch_size=micro, window=o.group_buffer, seed=o.seed,
                             num_classes=self.info["num_classes"], rank=state.process_index,
-                            world=state.num_processes, flip=o.flip, label_dropout=o.label_dropout)
+                            world=state.num_processes, flip=o.flip, label_dropout=o.label_dropout,
+                            prefetch=o.num_workers > 0)
 
     def start(self, ckpt: Path | None, log) -> None:
         """Build the model, EMA and optimizer (from ``ckpt`` when resuming), claim the run

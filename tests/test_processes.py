@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_train import weights, write_dataset
@@ -209,3 +210,49 @@ def test_the_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(data, tm
     again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(step + 1), "--ckpt-every", "100000",
                                        "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_worker_killed_mid_step_is_one_line_and_resume_goes_on(data, tmp_path):
+    """The out-of-memory killer's work: the worker dies while the step trains."""
+    cmd = train_cmd(data, tmp_path, "--max-steps", "100000", "--ckpt-every", "2")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        wait_for_step(job, tmp_path / "r", 3)
+        for worker in children(job.pid):
+            os.kill(worker, signal.SIGKILL)
+        _, err = job.communicate(timeout=120)
+    finally:
+        kill_tree(job)
+    assert job.returncode == 1, err[-2000:]
+    errors = [ln for ln in err.splitlines() if "Error: " in ln]
+    assert len(errors) == 1 and "worker process died (killed by signal" in errors[0] and "Traceback" not in err
+    assert errors[0].startswith("Error: ")  # on a line of its own, not after a progress bar
+    again = subprocess.run(train_cmd(data, tmp_path, "--max-steps", "4", "--ckpt-every", "2", "--resume"),
+                           capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def in_namespace_with_shm(options: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` in a private mount namespace whose /dev/shm is a fresh tmpfs with ``options``."""
+    script = f"mount -t tmpfs -o {options} tmpfs /dev/shm && exec \"$@\""
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare as root")
+def test_a_read_only_dev_shm_is_one_line_naming_the_way_out(data, tmp_path):
+    probe = in_namespace_with_shm("ro,size=1m", ["true"])
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    res = in_namespace_with_shm("ro,size=1m", train_cmd(data, tmp_path, "--max-steps", "2"))
+    errors = [ln for ln in res.stderr.splitlines() if "Error: " in ln]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "Read-only file system" in errors[0] and "--num-workers 0" in errors[0]
+    ok = in_namespace_with_shm("ro,size=1m", train_cmd(data, tmp_path, "--max-steps", "2", "--num-workers", "0"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    images = tmp_path / "imgs.npz"
+    np.savez(images, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    res = in_namespace_with_shm("ro,size=1m", [sys.executable, "-m", "groupdiff_cli", "fid", str(images),
+                                               str(images), "--metrics", "fid", "--num-workers", "2",
+                                               "--inception-weights", str(tmp_path / "missing.pth")])
+    assert res.returncode == 2  # the weights are checked first: a bad flag before any worker starts
