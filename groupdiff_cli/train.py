@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from groupdiff_cli import __version__
 from groupdiff_cli.branch_loss import branch_losses, heldout_latents
-from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dir, checkpoint_dirs, is_ours, load_model,
+from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dirs, is_ours, load_model,
                                        load_training_state, prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
 from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, NO_DECAY_RULES, STUDY_GROUP_SIZES, TrainOptions
@@ -36,6 +36,8 @@ from groupdiff_cli.objectives import for_model
 from groupdiff_cli.seeds import Stream, derived_seed, seed_initialisation
 
 __all__ = ["TrainOptions", "train"]
+
+STOP_POLL_EVERY = 10  # steps between the collective checks for a stop signal when there are several processes
 
 
 def default_run_name(o: TrainOptions) -> str:
@@ -242,6 +244,7 @@ class Run:
         ema.load_state_dict(model.state_dict())
         optimizer = _optimizer(model, o)
         self.step = load_training_state(ckpt, model, ema, optimizer) if ckpt is not None else 0
+        self.saved_step = self.step if ckpt is not None else None  # the step whose checkpoint is on disk
         if self.state.is_main_process:
             self._claim_dir(model, resuming=ckpt is not None, log=log)
         self.accelerator.wait_for_everyone()
@@ -274,12 +277,15 @@ class Run:
         main = state.is_main_process
         bar = tqdm(total=o.max_steps, initial=self.step, unit="step", disable=not main)
         window = MetricsWindow(self.accelerator)
+        stopped_by = None
         evaluate = _heldout_eval(o, heldout, self.ema, self.objective, self.dir) if main and heldout else None
         while self.step < o.max_steps:
-            stopped_by = stop.requested(self.accelerator)
+            # several processes agree on a stop with a collective (a host sync): every few steps
+            if state.num_processes == 1 or self.step % STOP_POLL_EVERY == 0:
+                stopped_by = stop.requested(self.accelerator)
             if stopped_by:
                 bar.close()
-                if not checkpoint_dir(self.dir, self.step).is_dir():
+                if self.saved_step != self.step:  # known alike on every rank, unlike the filesystem
                     self.save()
                 return dict(run_dir=str(self.dir), step=self.step, processes=state.num_processes,
                             stopped_by=stopped_by)
@@ -358,6 +364,7 @@ class Run:
                                  param_sums=sums))
             prune_checkpoints(self.dir, self.o.keep_last, self.o.keep_every)
         self.accelerator.wait_for_everyone()
+        self.saved_step = self.step
 
     def _warn_if_groups_are_random(self, batches: GroupBatches) -> None:
         sim = batches.similarity

@@ -256,3 +256,27 @@ def test_a_read_only_dev_shm_is_one_line_naming_the_way_out(data, tmp_path):
                                                str(images), "--metrics", "fid", "--num-workers", "2",
                                                "--inception-weights", str(tmp_path / "missing.pth")])
     assert res.returncode == 2  # the weights are checked first: a bad flag before any worker starts
+
+
+def test_a_signal_only_one_rank_sees_stops_both_at_one_step(data, tmp_path):
+    """The decision to stop and to write the last checkpoint is agreed by every rank (not
+    read off each rank's own signal or filesystem), so the job neither hangs nor splits."""
+    from test_train import _launch_two
+
+    run = tmp_path / "b" / "SiT-Ti-2-l4"
+    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        wait_for_step(job, run, 2, timeout=300)
+        ranks = sorted(children(job.pid))
+        os.kill(ranks[-1], signal.SIGTERM)  # one rank only, as a node-local OOM handler might
+        _, err = job.communicate(timeout=180)
+        assert not any(alive(r) for r in ranks)
+    finally:
+        kill_tree(job)
+    (ckpt,) = (run / "checkpoints").glob("step_*")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["processes"] == 2 and len(state["param_sums"]) == 2
+    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(state["step"] + 1), "--ckpt-every",
+                                       "100000", "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
