@@ -57,6 +57,7 @@ def small_digits(monkeypatch, n=60):
 
 def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
     small_digits(monkeypatch)
+    monkeypatch.setattr(demo, "SAMPLES_PER_CLASS", 4)  # one group of 4 per digit: 40 samples a side
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--chain-steps", "2", "--steps", "1", "--bootstrap", "20",
@@ -65,10 +66,10 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
     assert s["run"] == str(demo.PRETRAINED) and s["baseline_run"] == str(demo.PRETRAINED_BASELINE)
-    assert s["samples_per_side"] == 160 and s["sampling"]["group_size"] == 4
+    assert s["samples_per_side"] == 40 and s["sampling"]["group_size"] == 4
     assert s["sampling"]["guidance_interval"] == [0.25, 0.75]
     for side in demo.SIDES:
-        assert 0 <= s[side]["read_as_asked"] <= 160 and s[side]["accuracy"] == s[side]["read_as_asked"] / 160
+        assert 0 <= s[side]["read_as_asked"] <= 40 and s[side]["accuracy"] == s[side]["read_as_asked"] / 40
         assert np.isfinite(s[side]["fid"])
     for key, other in (("groupdiff_l_vs_baseline", "baseline"), ("jointly_vs_one_by_one", "groupdiff_l_one_by_one")):
         d = s["fid_difference"][key]
@@ -79,13 +80,13 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
     (where,) = (out / "samples").iterdir()
     folders = [where / name for name in ("groupdiff_l_N4", "baseline", "groupdiff_l_N1")]
     arrays = [np.load(f / "samples.npz") for f in folders]
-    assert all(a["arr_0"].shape == (160, 8, 8, 3) and np.array_equal(a["arr_1"], arrays[0]["arr_1"]) for a in arrays)
-    assert arrays[0]["arr_1"].tolist() == [c for c in range(10) for _ in range(16)]
+    assert all(a["arr_0"].shape == (40, 8, 8, 3) and np.array_equal(a["arr_1"], arrays[0]["arr_1"]) for a in arrays)
+    assert arrays[0]["arr_1"].tolist() == [c for c in range(10) for _ in range(4)]
     configs = [json.loads((f / "sample_config.json").read_text()) for f in folders]
     assert [(c["group_size"], c["uncond_group_size"]) for c in configs] == [(4, 4), (1, 1), (1, 1)]
     assert configs[1]["ckpt"].startswith(str(demo.PRETRAINED_BASELINE))
     grid = np.asarray(Image.open(out / "groupdiff_vs_baseline.png"))
-    assert grid.shape[0] > 10 * 8 * 3 and grid.shape[1] > 3 * 16 * 8 * 3
+    assert grid.shape[0] > 10 * 8 * 3 and grid.shape[1] > 3 * 4 * 8 * 3
     for word in ("encoded the 60 real digits", "trained SiT-Mi/1 for 2 steps", "GroupDiff-l, unconditional branch "
                  "in groups: the classifier reads", "FID(GroupDiff-l) - FID(baseline)", "not the paper's comparison"):
         assert word in res.output
@@ -104,29 +105,38 @@ def test_demo_end_to_end_writes_the_figure_and_summary(tmp_path, monkeypatch):
 
 
 def test_sigterm_while_the_demo_trains_exits_75_and_the_rerun_continues(tmp_path):
-    """The stop ends training with a checkpoint; nothing is sampled from the unfinished
-    model, and the same command finishes the run."""
+    """The stop ends training with a checkpoint and nothing is sampled from the unfinished
+    model; the same command continues that training from its checkpoint."""
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "groupdiff_cli", "demo", "--out", str(out), "--chain-steps", "1", "--steps", "1",
-           "--bootstrap", "5", "--inception-weights", weights, "--from-scratch", "60"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (out / "runs" / "demo" / "config.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 75, output
+           "--bootstrap", "5", "--inception-weights", weights, "--from-scratch", "40"]
+
+    def run_until(marker):
+        """The command, stopped with SIGTERM once ``marker`` exists: (exit code, output)."""
+        with open(tmp_path / "output.txt", "w+") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+            deadline = time.time() + 300
+            while not marker.exists():
+                assert proc.poll() is None and time.time() < deadline, "the demo ended early or hung"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+            log.seek(0)
+            return proc.returncode, log.read()
+
+    code, output = run_until(out / "runs" / "demo" / "config.json")
+    assert code == 75, output
     assert "SIGTERM: stopped training" in output and "rerun the same command to continue" in output
-    assert not (out / "summary.json").exists() and not (out / "samples_from_scratch_60").exists()
-    stopped = [int(p.name[5:]) for p in (out / "runs" / "demo" / "checkpoints").iterdir()]
-    assert stopped and max(stopped) < 60
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert json.loads((out / "summary.json").read_text())["run"] == str(out / "runs" / "demo")
+    assert not (out / "summary.json").exists() and not (out / "samples_from_scratch_40").exists()
+    stopped = sorted(int(p.name[5:]) for p in (out / "runs" / "demo" / "checkpoints").iterdir())
+    assert stopped and stopped[-1] < 40
+    # the rerun finishes that model from its checkpoint, then goes on to the baseline (stopped there)
+    code, output = run_until(out / "runs" / "demo-baseline" / "config.json")
+    assert code == 75, output
     steps = sorted(int(p.name[5:]) for p in (out / "runs" / "demo" / "checkpoints").iterdir())
-    assert steps[-1] == 60
+    assert steps[-1] == 40
+    assert f" {stopped[-1]}/40 [00:00<?" in output  # its progress started where the stop left it
 
 
 def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp_path):
