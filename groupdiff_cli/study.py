@@ -23,6 +23,7 @@ from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latent
 from groupdiff_cli.checkpoints import load_model
 from groupdiff_cli.data import read_dataset
 from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
+from groupdiff_cli.files import atomic_path
 from groupdiff_cli.images import LABELS_FILE
 from groupdiff_cli.objectives import create, of_run
 from groupdiff_cli.sampling import build_job, run_sampling
@@ -63,10 +64,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     settings = dict(num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                     seed=seed, vae=vae, guidance_interval=guidance_interval, warn=log)
     jobs = {n: build_job(ckpt, group_size=n, loaded=loaded, **settings)[0] for n in group_sizes}
-    base_loaded = load_model(baseline) if baseline is not None else None
-    base_job = build_job(baseline, group_size=1, loaded=base_loaded, **settings)[0] if baseline is not None else None
-    if base_job is not None:
-        run_sampling(base_job, base_loaded[0], out / "baseline", batch_size=batch_size, cpu=cpu)
+    base_job = _sample_baseline(baseline, settings, out / "baseline", batch_size, cpu)
     for n, job in jobs.items():
         run_sampling(job, loaded[0], out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
@@ -96,21 +94,36 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
         ref_stats = Path(ref) if fid.is_stats_file(Path(ref)) else stats
         reference = fid.load_reference_stats(ref_stats)
         fd = metrics.FrechetDistance(reference.mu, reference.sigma)
-        if len(pools) > 1:
-            add_paired_differences(rows, pools, out, fd, bootstrap, seed, log)
+        add_paired_differences(rows, pools, out, fd, bootstrap, seed, log)
         if base_job is not None:
             add_baseline_differences(rows, pools, out, fd, ref_stats, extractor, bootstrap, seed, cpu, log)
-    fields = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
-              "fid_vs_base", "fid_vs_base_lo", "fid_vs_base_hi", "precision", "recall", "s_cross"]
-    with open(out / "study.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in fields})
+    write_study_csv(rows, out / "study.csv")
     plot_study(rows, out / "study.png")
     if eval_data:
         write_branch_losses(ckpt, eval_data, group_sizes, out, seed, log)
     return rows
+
+
+def _sample_baseline(baseline, settings: dict, out: Path, batch_size: int, cpu: bool):
+    """The baseline one by one on the study's seeds and labels, in ``out``; its job (None without one)."""
+    if baseline is None:
+        return None
+    loaded = load_model(baseline)
+    job = build_job(baseline, group_size=1, loaded=loaded, **settings)[0]
+    run_sampling(job, loaded[0], out, batch_size=batch_size, cpu=cpu)
+    return job
+
+
+STUDY_FIELDS = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
+                "fid_vs_base", "fid_vs_base_lo", "fid_vs_base_hi", "precision", "recall", "s_cross"]
+
+
+def write_study_csv(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=STUDY_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in STUDY_FIELDS})
 
 
 def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds: int, seed: int = 0,
@@ -120,6 +133,8 @@ def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds:
     every N (the least common multiple of the group sizes), and the same blocks are drawn
     for every N; only group sizes whose images carry the same labels as the smallest
     N's (N{n}/labels.npy) are paired."""
+    if len(pools) < 2:
+        return
     base = min(pools)
     block = math.lcm(*pools)
     count = len(pools[base])
