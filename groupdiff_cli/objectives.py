@@ -246,6 +246,12 @@ class Flow:
     def unit_time(t_model: torch.Tensor) -> float:
         return float(t_model[0])
 
+    @staticmethod
+    def sde_drift(x: torch.Tensor, vel: torch.Tensor, t: float, w: float) -> torch.Tensor:
+        """The reverse SDE's drift v - w score at time t for diffusion coefficient w; on this
+        path score = -(x + (1 - t) v) / t, so the drift is v + w/t (x + (1 - t) v)."""
+        return vel + (w / t) * (x + (1 - t) * vel)
+
     prediction = velocity  # the samplers integrate our velocity
 
 

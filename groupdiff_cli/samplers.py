@@ -113,15 +113,14 @@ def _velocity_at(denoiser, x, t):
 SBDM_CLAMP = (1e-4, 0.999)  # the GroupDiff release clamps t here before w(t) = t / (1 - t)
 
 
-def _flow_euler_maruyama(denoiser, x, noise, steps, w):
+def _flow_euler_maruyama(objective, denoiser, x, noise, steps, w):
     """dx = [v - w(t) score] dt + sqrt(2 w(t)) dW backwards in t, Euler-Maruyama from
     t = 1 to t = 0.04 on ``steps`` grid points, then one mean step (no noise) to t = 0.
-    On this path score = -(x + (1 - t) v) / t, so the drift is v + w/t (x + (1 - t) v)."""
+    The drift is the objective's (``sde_drift``): the path's algebra lives there."""
     grid = np.linspace(1.0, SDE_LAST_STEP, steps) if steps > 1 else np.array([1.0])
 
     def drift(x, t):
-        vel = _velocity_at(denoiser, x, t)
-        return vel + (w(t) / t) * (x + (1 - t) * vel)
+        return objective.sde_drift(x, _velocity_at(denoiser, x, t), t, w(t))
 
     for k, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         h = t - t_next
@@ -132,14 +131,15 @@ def _flow_euler_maruyama(denoiser, x, noise, steps, w):
 
 @sampler("sde", "flow", 1, "Euler-Maruyama with w(t) = t (SiT's and REPA's) to t=0.04, then a mean step")
 def flow_sde(objective, denoiser, x, noise, steps):
-    return _flow_euler_maruyama(denoiser, x, noise, steps, lambda t: t)
+    return _flow_euler_maruyama(objective, denoiser, x, noise, steps, lambda t: t)
 
 
 @sampler("sde-sbdm", "flow", 1, "Euler-Maruyama with the SBDM w(t) = t/(1-t), t clamped to [1e-4, 0.999] (the "
                                 "GroupDiff release's), to t=0.04, then a mean step")
 def flow_sde_sbdm(objective, denoiser, x, noise, steps):
     lo, hi = SBDM_CLAMP
-    return _flow_euler_maruyama(denoiser, x, noise, steps, lambda t: min(max(t, lo), hi) / (1 - min(max(t, lo), hi)))
+    return _flow_euler_maruyama(objective, denoiser, x, noise, steps,
+                                lambda t: min(max(t, lo), hi) / (1 - min(max(t, lo), hi)))
 
 
 @sampler("ode", "flow", 1, "Euler")
