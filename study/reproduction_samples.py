@@ -1,6 +1,6 @@
 """The first group of every class from a `groupdiff study`, jointly (the largest N) next
-to the same seeds one by one, with each side's FID: the demo's comparison figure for a
-study's samples (image i of a study has seed i and class (i // max N) mod classes, so
+to the same seeds one by one (one row per class), with each side's FID printed: a
+figure of a study's samples (image i of a study has seed i and class (i // max N) mod classes, so
 the first max N x classes images hold one group per class, in class order).
 
     python study/reproduction_samples.py STUDY_DIR --out figure.png [--class-names 0,1,...]
@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groupdiff_cli.demo import comparison_figure
+from groupdiff_cli.sampling import grid_image
 from shapes_dataset import CLASSES  # beside this script
+
+
+def side_by_side(joint: np.ndarray, single: np.ndarray, n: int, zoom: int) -> np.ndarray:
+    """One row per class: its group of n sampled jointly, a white gap, the same seeds one by one."""
+    halves = [grid_image(x.repeat(zoom, 1).repeat(zoom, 2), cols=n, gap=2) for x in (joint, single)]
+    gap = np.full((halves[0].shape[0], 12, 3), 255, np.uint8)
+    return np.concatenate([halves[0], gap, halves[1]], axis=1)
 
 
 def main():
@@ -37,8 +44,7 @@ def main():
     with open(a.study / "study.csv") as f:
         fids = {int(r["group_size"]): float(r["fid"]) for r in csv.DictReader(f) if r["fid"]}
     print("FID: " + ", ".join(f"N={k}: {fids[k]:.2f}" for k in (n, 1) if k in fids))
-    fig = comparison_figure(imgs[n], imgs[1], n, None, a.zoom, names)
-    Image.fromarray(fig).save(a.out)
+    Image.fromarray(side_by_side(imgs[n], imgs[1], n, a.zoom)).save(a.out)
     print(a.out)
 
 
