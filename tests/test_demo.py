@@ -147,7 +147,7 @@ def test_the_shipped_reference_features_are_what_the_offline_inception_gives(tmp
     images_file = tmp_path / "digits_rgb.npz"
     np.savez(images_file, arr_0=np.repeat(digits.load_digits()[0][..., None], 3, -1))
     real = images.open_images(images_file)
-    shipped = inception.load_pool_features(demo.REFERENCE_FEATURES, real, extractor)
+    shipped = inception.load_pool_features(digits.shipped(demo.REFERENCE_FEATURES), real, extractor)
     assert shipped is not None and shipped.pool.shape == (1797, 2048)  # the same pixels and network
     fresh = inception.extract_features(torch.utils.data.Subset(real, [0, 900, 1796]), extractor)
     np.testing.assert_allclose(fresh.pool, shipped.pool[[0, 900, 1796]].astype(np.float32), rtol=2e-3, atol=2e-3)
