@@ -32,9 +32,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for k, (name, extra) in enumerate(runs):
             seconds, s = timed_demo(Path(tmp) / str(k), *extra)
-            j, o, d = s["jointly"], s["one_by_one"], s["fid_difference"]
-            print(f"{name}: {seconds:.0f} s; read as asked {j['read_as_asked']} / {o['read_as_asked']} of "
-                  f"{s['samples_per_side']} (jointly / one by one); FID {j['fid']:.2f} / {o['fid']:.2f}, "
+            g, b, d = s["groupdiff_l"], s["baseline"], s["fid_difference"]["groupdiff_l_vs_baseline"]
+            print(f"{name}: {seconds:.0f} s; read as asked {g['read_as_asked']} / {b['read_as_asked']} of "
+                  f"{s['samples_per_side']} (GroupDiff-l / baseline); FID {g['fid']:.2f} / {b['fid']:.2f}, "
                   f"difference {d['value']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]", flush=True)
 
 
