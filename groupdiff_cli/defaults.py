@@ -115,10 +115,11 @@ PRESETS = {
     "release-sit-finetune": dict(_PAPER, model="SiT-XL/2", timestep_variance=0.0, max_steps=500_000,
                                  max_group_size=4, no_decay_rule="release", init_sample_embed_std=0.02),
     "dit-xl-l4": dict(_PAPER, model="DiT-XL/2"),
-    # the bundled shapes at 32 px (the demo's weights and study/README.md)
+    # the shapes at 32 px (study/shapes_dataset.py; study/README.md)
     "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,
                       lr=6e-3, ema_decay=0.995),
-    # the bundled digits at their own 8x8 (the demo's weights): one token per pixel, class
+    # the bundled digits at their own 8x8 (the demo's weights, GroupDiff-l and with --group-mode none
+    # its baseline): one token per pixel, class
     # groups (a pixel-space set with no retrieval encoder), never mirrored
     "digits-l4": dict(model="SiT-Mi/1", group_mode="l", group_size=4, group_ratio=0.25, grouping="class",
                       global_batch_size=64, lr=6e-3, ema_decay=0.995, flip=False),

@@ -1,4 +1,4 @@
-"""Tiny random stand-ins for pretrained components, for tests, benchmarks and the demo.
+"""Tiny random stand-ins for pretrained components, for tests and benchmarks.
 
 Nothing can be downloaded in CI, so every pretrained component is exercised through
 the same loading code users take, with randomly initialised weights written to a
