@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -21,6 +23,7 @@ from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, 
 from groupdiff_cli.files import InputError
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
+STOPPED_EXIT_CODE = 75  # as `train` after a stop signal (distributed.PREEMPTED_EXIT_CODE): rerun to continue
 
 
 def _preset_text(values: dict) -> str:
@@ -58,6 +61,15 @@ def _writes_to(flag: str, path) -> None:
     click.get_current_context().meta[OUTPUT_KEY] = f"{flag} {path}"
 
 
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) outside training; a BaseException, as
+    KeyboardInterrupt, so that no ``except Exception`` on its way mistakes it for an error."""
+
+
+def _stop_now(signum, _frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
 class OneLineErrors(click.Group):
     # Library functions raise ValueError for bad input: one line, exit 2. Failures found
     # while running (a corrupt shard, NaN samples, a full disk, a dead worker) are one
@@ -65,6 +77,11 @@ class OneLineErrors(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Stopped as e:
+            _end_progress_bars()
+            click.echo(f"{e}: stopped; what was written is kept: rerun the same command to continue "
+                       f"(exit code {STOPPED_EXIT_CODE})", err=True)
+            ctx.exit(STOPPED_EXIT_CODE)
         except click.exceptions.UsageError as e:  # a bad option value: one line, not the usage block
             raise UsageError(e.format_message()) from e
         except (ValueError, FileNotFoundError) as e:
@@ -172,6 +189,11 @@ def main(debug):
       groupdiff demo     the whole chain on bundled data, on a CPU
       groupdiff models   the model registry with parameters and GFLOPs
     """
+    # a stop signal outside training (which checkpoints on its own) ends the command with
+    # one line; what was written is kept (atomic files, resumable chunks)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, _stop_now)
 
 
 @main.command()

@@ -280,3 +280,31 @@ def test_a_signal_only_one_rank_sees_stops_both_at_one_step(data, tmp_path):
     again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(state["step"] + 1), "--ckpt-every",
                                        "100000", "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_sigterm_outside_training_is_one_line_and_the_rerun_finishes(tmp_path):
+    """`sample` stopped mid-run (or while it imports): one line, exit 75, no traceback; the
+    chunks written so far are kept and the same command finishes the job."""
+    from groupdiff_cli.demo import PRETRAINED
+
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "groupdiff_cli", "sample", "--ckpt", str(PRETRAINED), "--out", str(out),
+           "--num-samples", "256", "--chunk-groups", "4", "--steps", "4", "--sampler", "heun", "--cpu"]
+    for wait_for in (None, out / "sample_config.json"):
+        job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        try:
+            deadline = time.time() + 120
+            while wait_for is not None and not wait_for.exists():
+                assert job.poll() is None and time.time() < deadline
+                time.sleep(0.05)
+            time.sleep(1)
+            job.send_signal(signal.SIGTERM)
+            _, err = job.communicate(timeout=120)
+        finally:
+            kill_tree(job)
+        assert job.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+        assert "SIGTERM: stopped; what was written is kept" in err and "Traceback" not in err
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (256, 8, 8, 3)
