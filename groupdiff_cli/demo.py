@@ -145,7 +145,7 @@ def _sample(loaded, run: Path, out: Path, labels: list[int], s: Sampling, group_
 SIDES = ("groupdiff_l", "baseline", "groupdiff_l_one_by_one")
 
 
-def compare(run, baseline, out: Path, ref_dir: Path, s: Sampling, groups_per_class: int, inception_weights,
+def compare(run, baseline, out: Path, ref_dir: Path, s: Sampling, groups_per_class: int, extractor: InceptionFeatures,
             bootstrap: int, log) -> dict:
     """Both models on the same seeds and labels: what the classifier reads and the FID of
     each, with the paired intervals of FID(GroupDiff-l) - FID(baseline) and of the
@@ -160,7 +160,6 @@ def compare(run, baseline, out: Path, ref_dir: Path, s: Sampling, groups_per_cla
                   baseline=_sample(load_model(baseline), baseline, folders["baseline"], asked.tolist(), s, 1),
                   groupdiff_l_one_by_one=_sample(loaded, run, folders["groupdiff_l_one_by_one"], asked.tolist(), s, 1))
     clf, clf_info = load_classifier()
-    extractor = InceptionFeatures(inception_weights)
     ref = digits_reference(ref_dir, extractor, log)
     sides, differences = {}, {}
     for name in SIDES:
@@ -190,7 +189,7 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     signal while training raises ``DemoStopped``."""
     t0 = time.perf_counter()
     out = Path(out)
-    InceptionFeatures(inception_weights)  # before any work: the Inception weights given must be readable,
+    extractor = InceptionFeatures(inception_weights)  # built once, before any work: the weights must be readable,
     if baseline is not None:
         load_model(baseline)  # the baseline must load,
     if not from_scratch:
@@ -219,7 +218,7 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
         say(f"the shipped weights: {run} and the baseline {baseline} (their READMEs say how they were trained)")
     where = out / ("samples" if not from_scratch else f"samples_from_scratch_{from_scratch}")
     where = where / _key(run, baseline, sampling, groups_per_class)
-    summary = compare(run, baseline, where, out, sampling, groups_per_class, inception_weights, bootstrap, log)
+    summary = compare(run, baseline, where, out, sampling, groups_per_class, extractor, bootstrap, log)
     imgs = summary.pop("images")
     figure = out / "groupdiff_vs_baseline.png"
     with atomic_path(figure) as tmp:

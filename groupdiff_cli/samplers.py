@@ -137,9 +137,11 @@ def flow_sde(objective, denoiser, x, noise, steps):
 @sampler("sde-sbdm", "flow", 1, "Euler-Maruyama with the SBDM w(t) = t/(1-t), t clamped to [1e-4, 0.999] (the "
                                 "GroupDiff release's), to t=0.04, then a mean step")
 def flow_sde_sbdm(objective, denoiser, x, noise, steps):
-    lo, hi = SBDM_CLAMP
-    return _flow_euler_maruyama(objective, denoiser, x, noise, steps,
-                                lambda t: min(max(t, lo), hi) / (1 - min(max(t, lo), hi)))
+    def w(t):
+        t = min(max(t, SBDM_CLAMP[0]), SBDM_CLAMP[1])
+        return t / (1 - t)
+
+    return _flow_euler_maruyama(objective, denoiser, x, noise, steps, w)
 
 
 @sampler("ode", "flow", 1, "Euler")
