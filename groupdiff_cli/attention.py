@@ -190,8 +190,9 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
 
 def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=CFG_SCALE, sampler=None,
                   steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
-                  cpu=False) -> dict:
-    """The `groupdiff attention` job: measure, summarise, draw; returns the report."""
+                  cpu=False, loaded=None) -> dict:
+    """The `groupdiff attention` job: measure, summarise, draw; returns the report. ``loaded``:
+    the checkpoint as ``load_model`` returned it, when the caller has it already."""
     state = process_state(cpu)
     report = dict(ckpt=str(ckpt), group_sizes={}, num_groups=num_groups, seed=seed)
     examples = {}
@@ -200,7 +201,7 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
             raise ValueError(f"--group-size {n}: S_cross needs groups of at least 2 images")
         job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, weights=weights, model_name=model_name,
-                               warn=lambda m: None)
+                               loaded=loaded, warn=lambda m: None)
         if job.cfg_scale == 1.0 and job.cond_group_size == 1:
             raise ValueError("--cfg-scale 1 with a GroupDiff-l checkpoint runs no group attention: nothing to "
                              "measure; use a guidance scale above 1")

@@ -33,8 +33,8 @@ from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_B
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
-from groupdiff_cli.images import SAMPLES_FILE, open_images
-from groupdiff_cli.inception import InceptionFeatures, extract_features, load_pool_features
+from groupdiff_cli.images import SAMPLES_FILE
+from groupdiff_cli.inception import InceptionFeatures
 from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.sampling import build_job, run_sampling
 from groupdiff_cli.train import TrainOptions, train
@@ -72,14 +72,15 @@ class Sampling:
     group_size: int = TRAINED_GROUP_SIZE
 
 
-def digits_reference(out: Path, extractor, log) -> Path:
-    """FID statistics of the 1,797 real digits (from the shipped features when they fit).
-    Both caches it keeps in ``out`` are checked when reused: a bad one is rebuilt, with a note."""
+def digits_evaluator(out: Path, extractor: InceptionFeatures, log) -> fid.Evaluator:
+    """An evaluator against the 1,797 real digits: their FID statistics kept in ``out``
+    (from the shipped pool features when they fit the Inception weights in use). Both
+    files it keeps in ``out`` are checked when reused: a bad one is rebuilt, with a note."""
     stats = out / f"digits_fid_stats_{extractor.weights['sha256'][:12]}.npz"
     if stats.exists():
         try:
             fid.load_reference_stats(stats)
-            return stats
+            return fid.Evaluator(stats, extractor=extractor, cpu=True)
         except ValueError as e:  # IntegrityError included
             log(f"note: {e}: rebuilt")
     real = out / "digits_rgb.npz"
@@ -91,15 +92,12 @@ def digits_reference(out: Path, extractor, log) -> Path:
         kept = False
     if not kept:
         save_arrays(real, arr_0=rgb)
-    try:
-        feats = load_pool_features(shipped(REFERENCE_FEATURES), open_images(real), extractor)
-    except IntegrityError as e:
-        log(f"note: {e}: recomputed")
-        feats = None
-    if feats is None:
-        feats = extract_features(open_images(real), extractor, desc="real digits")
-    fid.save_reference(fid.reference_from_features(str(real), feats), stats)
-    return stats
+    evaluator = fid.Evaluator(real, extractor=extractor, cpu=True, save_ref_stats=stats,
+                              reference_features=shipped(REFERENCE_FEATURES))
+    evaluator.reference  # noqa: B018 (computed and saved now, so that its notes come first)
+    for note in evaluator.notes:
+        log(f"note: {note}")
+    return evaluator
 
 
 def check_shipped_runs() -> None:
@@ -160,16 +158,13 @@ def compare(run, baseline, out: Path, ref_dir: Path, s: Sampling, groups_per_cla
                   baseline=_sample(load_model(baseline), baseline, folders["baseline"], asked.tolist(), s, 1),
                   groupdiff_l_one_by_one=_sample(loaded, run, folders["groupdiff_l_one_by_one"], asked.tolist(), s, 1))
     clf, clf_info = load_classifier()
-    ref = digits_reference(ref_dir, extractor, log)
+    evaluator = digits_evaluator(ref_dir, extractor, log)
     sides, differences = {}, {}
     for name in SIDES:
         read = int((classify(clf, images[name]) == asked).sum())
-        sides[name] = dict(read_as_asked=read, accuracy=read / len(asked))
+        sides[name] = dict(read_as_asked=read, accuracy=read / len(asked), fid=evaluator.fid(folders[name]))
     for key, other in (("groupdiff_l_vs_baseline", "baseline"), ("jointly_vs_one_by_one", "groupdiff_l_one_by_one")):
-        rep = fid.evaluate(folders["groupdiff_l"], ref, ("fid",), extractor=extractor, bootstrap=bootstrap,
-                           bootstrap_block=s.group_size, paired_with=folders[other], cpu=True)
-        paired = rep["metrics"]["fid_paired"]
-        sides["groupdiff_l"]["fid"], sides[other]["fid"] = rep["metrics"]["fid"], paired["other_fid"]
+        paired = evaluator.paired_difference(folders["groupdiff_l"], folders[other], bootstrap, s.group_size)
         differences[key] = dict(value=paired["difference"], ci95=paired["ci95"], resamples=paired["rounds"],
                                 block=paired["block"])
     return dict(run=str(run), baseline_run=str(baseline), sampling=asdict(s), samples_per_side=len(asked),

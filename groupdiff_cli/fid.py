@@ -99,15 +99,9 @@ def save_reference(ref: Reference, path) -> None:
 def compute_reference_stats(images_path, out, inception_weights=None, batch_size: int = 100, num_workers: int = 0,
                             cpu: bool = False) -> dict:
     """Statistics of an image set (npz or folder) saved to ``out`` for use as REF."""
-    state = process_state(cpu)
-    images = open_images(images_path)
-    if len(images) < 2:
-        raise ValueError(f"{images_path}: {len(images)} image(s); a reference needs at least 2")
-    feats = extract_features(images, InceptionFeatures(inception_weights), batch_size, num_workers, state, "reference")
-    ref = reference_from_features(str(images_path), feats)
-    if state.is_main_process:
-        save_reference(ref, out)
-    return dict(count=len(feats), out=str(out))
+    evaluator = Evaluator(images_path, inception_weights, batch_size=batch_size, num_workers=num_workers, cpu=cpu,
+                          save_ref_stats=out)
+    return dict(count=evaluator.reference.count, out=str(out))
 
 
 def is_stats_file(path: Path) -> bool:
@@ -115,99 +109,185 @@ def is_stats_file(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- #
-#  The whole evaluation                                                        #
+#  The evaluator                                                               #
 # --------------------------------------------------------------------------- #
-def evaluate(samples, reference, metrics=DEFAULT_METRICS, **options) -> dict:
-    """Compute ``metrics`` of the SAMPLES images against REF; returns every number and
-    the provenance (counts, hashes, feature extractor and weights) as a dict. The
-    options are ``evaluate_with_features``'s."""
-    return evaluate_with_features(samples, reference, metrics, **options)[0]
+class Evaluator:
+    """The Inception network and one reference, each built once and on first use (so
+    that bad input is refused before any network runs): the metrics of sample sets
+    against the reference, and paired FID differences between sets drawn from the same
+    seeds and labels. `fid`, `study` and `demo` all evaluate through one.
 
-
-def evaluate_with_features(samples, reference, metrics=DEFAULT_METRICS, inception_weights=None,
-                           batch_size: int = 100, num_workers: int = 0, bootstrap: int = 0,
-                           bootstrap_block: int | None = None, save_ref_stats=None, seed: int = 0, cpu: bool = False,
-                           explicit_metrics: bool = True, extractor: InceptionFeatures | None = None,
-                           paired_with=None) -> tuple[dict, Features]:
-    """``evaluate``, returning the samples' features too.
-
-    ``extractor`` reuses a built ``InceptionFeatures`` across calls (then
-    ``inception_weights`` is not read). A `groupdiff sample` folder keeps its pool
-    features (``POOL_FEATURES``), reused when only pool features are needed (FID, P/R,
-    KID). ``bootstrap_block``: samples resampled together [default: the group size that
-    `groupdiff sample` recorded, else 1]. ``paired_with``: a second sample set whose image i
-    came from the same seed and label; adds FID(samples) - FID(paired_with) with a paired
-    bootstrap interval. With ``explicit_metrics=False`` (the default metric set) a metric
-    the reference cannot support (e.g. sFID against statistics without mu_s) is skipped
-    with a note instead of being an error.
+    ``reference``: statistics (ADM's reference batch, or ``save_reference``'s file) or
+    images (npz or folder), whose statistics are then written to ``save_ref_stats`` when
+    given. ``reference_features``: a pool-features file of the reference images
+    (``save_pool_features``) to use instead of extracting them when it fits (the
+    demo's shipped digits). ``extractor``: an already built ``InceptionFeatures`` (then
+    ``inception_weights`` is not read). Features of a sample set and its bootstrap
+    resamples are computed once per evaluator.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"--metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    state = process_state(cpu)
-    images = open_images(samples)
-    if len(images) < 2:
-        raise ValueError(f"{samples}: {len(images)} image(s); metrics need at least 2")
-    ref_path = Path(reference)
-    if not ref_path.exists():
-        raise FileNotFoundError(f"{ref_path}: no such file or folder")
-    if save_ref_stats and is_stats_file(ref_path):
-        raise ValueError(f"--save-ref-stats: {ref_path} already holds statistics, not images")
-    block, other_images = _checked_resampling(samples, len(images), metrics, bootstrap, bootstrap_block, paired_with)
 
-    extractor = extractor or InceptionFeatures(inception_weights)
-    read = dict(extractor=extractor, batch_size=batch_size, num_workers=num_workers, state=state)
-    ref = _reference(ref_path, save_ref_stats, read)
-    chosen, notes = _supported_metrics(metrics, ref, ref_path, len(images), extractor.has_logits, explicit_metrics)
-    notes = [*extractor.notes, *notes]  # what happened to the Inception cache, if anything
-    if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
-        ref.pool = extract_features(ref.images, desc="reference images", **read).pool
-    feats = _features(samples, images, set(chosen) <= POOL_METRICS, "samples", read, notes)
-    other = None if paired_with is None else _features(paired_with, other_images, True, "paired samples", read, notes)
-    # lazy: torch-fidelity adds ~2.5 s to start-up; only computing features or metrics needs it
-    import torch_fidelity
+    def __init__(self, reference, inception_weights=None, *, batch_size: int = 100, num_workers: int = 0,
+                 cpu: bool = False, save_ref_stats=None, reference_features=None,
+                 extractor: InceptionFeatures | None = None):
+        self.ref_path = Path(reference)
+        if not self.ref_path.exists():
+            raise FileNotFoundError(f"{self.ref_path}: no such file or folder")
+        if save_ref_stats and is_stats_file(self.ref_path):
+            raise ValueError(f"--save-ref-stats: {self.ref_path} already holds statistics, not images")
+        self.state = process_state(cpu)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._weights, self._save, self._ref_features = inception_weights, save_ref_stats, reference_features
+        self._extractor, self._reference = extractor, None
+        self._features: dict[tuple[str, bool], Features] = {}
+        self._resampled: dict[tuple, np.ndarray] = {}
+        self.notes: list[str] = []  # what happened to caches on the way (each at most once)
 
-    report = dict(
-        metrics=_metrics(chosen, feats, ref, bootstrap, block, seed, other),
-        notes=notes,
-        samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
-        reference=dict(path=str(ref_path), count=ref.count, sha256=ref.sha256,
-                       prc_images=None if ref.pool is None else len(ref.pool)),
-        feature_extractor=dict(**extractor.weights, torch_fidelity=torch_fidelity.__version__),
-        processes=state.num_processes,
-        groupdiff=__version__,
-    )
-    if other is not None:
-        report["paired_with"] = dict(path=str(paired_with), count=len(other), sha256=other.sha256)
-    return report, feats
+    @property
+    def extractor(self) -> InceptionFeatures:
+        if self._extractor is None:
+            self._extractor = InceptionFeatures(self._weights)
+        return self._extractor
+
+    @property
+    def reference(self) -> Reference:
+        if self._reference is None:
+            self._reference = self._read_reference()
+        return self._reference
+
+    def _extract(self, images, desc: str) -> Features:
+        return extract_features(images, extractor=self.extractor, batch_size=self.batch_size,
+                                num_workers=self.num_workers, state=self.state, desc=desc)
+
+    def _read_reference(self) -> Reference:
+        """Read from a stats file, or computed from the images (and saved to ``save_ref_stats``)."""
+        if is_stats_file(self.ref_path):
+            ref = load_reference_stats(self.ref_path)
+            for name, arr, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
+                if arr is not None and arr.shape != (dim,):
+                    raise ValueError(f"feature dimensions differ: samples have {dim}, the reference {self.ref_path} "
+                                     f"has {name} of shape {arr.shape}")
+            return ref
+        images = open_images(self.ref_path)
+        if len(images) < 2:
+            raise ValueError(f"{self.ref_path}: {len(images)} image(s); a reference needs at least 2")
+        feats = self.features(self.ref_path, images, pool_only=self._ref_features is not None, desc="reference",
+                              cache=self._ref_features)
+        ref = reference_from_features(str(self.ref_path), feats)
+        if self._save and self.state.is_main_process:
+            save_reference(ref, self._save)
+        return ref
+
+    def features(self, path, images=None, pool_only: bool = True, desc: str = "samples", cache=None) -> Features:
+        """The features of the image set at ``path``: kept from an earlier call, else the
+        pool features saved in ``cache`` (default: a `groupdiff sample` folder's
+        ``POOL_FEATURES``) when those are all that is needed and they were made from the
+        same pixels by the same network, else extracted (and kept in a sample folder, so
+        that evaluating it again skips the network). A corrupt cache is recomputed and one
+        that cannot be written is skipped, each with a note."""
+        name = str(Path(path).resolve())
+        for kept in ((name, False), (name, True)) if pool_only else ((name, False),):  # all features serve pool_only
+            if kept in self._features:
+                return self._features[kept]
+        folder = Path(path)
+        images = images if images is not None else open_images(path)
+        cache = Path(cache) if cache is not None else (folder / POOL_FEATURES if folder.is_dir() else None)
+        feats = None
+        if pool_only and cache is not None:
+            try:
+                feats = load_pool_features(cache, images, self.extractor)
+            except IntegrityError as e:
+                self.notes.append(f"{e}: recomputed")
+        if feats is None:
+            feats = self._extract(images, desc)
+            if (folder / SAMPLE_CONFIG).is_file() and self.state.is_main_process:
+                try:
+                    save_pool_features(feats, folder / POOL_FEATURES, self.extractor)
+                except OSError as e:
+                    self.notes.append(f"pool features not kept in {folder / POOL_FEATURES} ({e.strerror or e}); "
+                                      f"the metrics are unaffected")
+        self._features[name, pool_only] = feats
+        return feats
+
+    def frechet(self) -> FrechetDistance:
+        ref = self.reference
+        if ref.mu is None:
+            raise ValueError(f"{self.ref_path}: no FID statistics")
+        return FrechetDistance(ref.mu, ref.sigma)
+
+    def fid(self, samples) -> float:
+        return self.frechet().of_features(self.features(samples).pool)
+
+    def resampled_fids(self, samples, rounds: int, block: int, seed: int) -> np.ndarray:
+        """``metrics.resampled_fids`` of a sample set, computed once per (rounds, block, seed)."""
+        key = (str(Path(samples).resolve()), rounds, block, seed)
+        if key not in self._resampled:
+            self._resampled[key] = resampled_fids(self.features(samples).pool, self.frechet(), rounds, block, seed)
+        return self._resampled[key]
+
+    def paired_difference(self, samples, other, rounds: int, block: int, seed: int = 0) -> dict:
+        """FID(samples) - FID(other) for two sets whose image i came from the same seed and
+        label, with the paired bootstrap interval (``metrics.paired_fid_difference``);
+        also ``fid`` and ``other_fid``."""
+        fd, mine, theirs = self.frechet(), self.features(samples).pool, self.features(other).pool
+        fid_a, fid_b = fd.of_features(mine), fd.of_features(theirs)
+        out = paired_fid_difference(mine, theirs, fd, rounds, block, seed,
+                                    base_values=self.resampled_fids(other, rounds, block, seed),
+                                    values=self.resampled_fids(samples, rounds, block, seed), estimate=fid_a - fid_b)
+        return dict(out, fid=fid_a, other_fid=fid_b)
+
+    def evaluate(self, samples, metrics=DEFAULT_METRICS, *, bootstrap: int = 0, bootstrap_block: int | None = None,
+                 seed: int = 0, explicit_metrics: bool = True, paired_with=None) -> tuple[dict, Features]:
+        """Compute ``metrics`` of the SAMPLES images against the reference; returns every
+        number and the provenance (counts, hashes, feature extractor and weights) as a
+        dict, and the samples' features. ``bootstrap_block``: samples resampled together
+        [default: the group size that `groupdiff sample` recorded, else 1].
+        ``paired_with``: a second sample set whose image i came from the same seed and
+        label; adds FID(samples) - FID(paired_with) with a paired bootstrap interval. With
+        ``explicit_metrics=False`` (the default metric set) a metric the reference cannot
+        support (e.g. sFID against statistics without mu_s) is skipped with a note
+        instead of being an error."""
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"--metrics: unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        images = open_images(samples)
+        if len(images) < 2:
+            raise ValueError(f"{samples}: {len(images)} image(s); metrics need at least 2")
+        block, other_images = _checked_resampling(samples, len(images), metrics, bootstrap, bootstrap_block,
+                                                  paired_with)
+        ref = self.reference
+        chosen, notes = _supported_metrics(metrics, ref, self.ref_path, len(images), self.extractor.has_logits,
+                                           explicit_metrics)
+        if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
+            ref.pool = self._extract(ref.images, "reference images").pool
+        feats = self.features(samples, images, set(chosen) <= POOL_METRICS)
+        other = None if paired_with is None else self.features(paired_with, other_images, desc="paired samples")
+        # lazy: torch-fidelity adds ~2.5 s to start-up; only computing features or metrics needs it
+        import torch_fidelity
+
+        report = dict(
+            metrics=_metrics(chosen, feats, ref, bootstrap, block, seed, other),
+            notes=[*self.extractor.notes, *self.notes, *notes],  # what happened to the caches, if anything
+            samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
+            reference=dict(path=str(self.ref_path), count=ref.count, sha256=ref.sha256,
+                           prc_images=None if ref.pool is None else len(ref.pool)),
+            feature_extractor=dict(**self.extractor.weights, torch_fidelity=torch_fidelity.__version__),
+            processes=self.state.num_processes,
+            groupdiff=__version__,
+        )
+        if other is not None:
+            report["paired_with"] = dict(path=str(paired_with), count=len(other), sha256=other.sha256)
+        return report, feats
+
+
+def evaluate(samples, reference, metrics=DEFAULT_METRICS, *, inception_weights=None, batch_size: int = 100,
+             num_workers: int = 0, save_ref_stats=None, cpu: bool = False, extractor=None, **options) -> dict:
+    """The `groupdiff fid` job: ``Evaluator(reference, ...).evaluate(samples, metrics, **options)``'s report."""
+    evaluator = Evaluator(reference, inception_weights, batch_size=batch_size, num_workers=num_workers, cpu=cpu,
+                          save_ref_stats=save_ref_stats, extractor=extractor)
+    return evaluator.evaluate(samples, metrics, **options)[0]
 
 
 POOL_METRICS = frozenset({"fid", "prc", "kid"})  # the metrics that pool features alone support
-
-
-def _features(path, images, pool_only: bool, desc: str, read: dict, notes: list[str]) -> Features:
-    """The features of ``images`` (read from ``path``): the folder's saved pool features
-    when those are all that is needed and they fit, else extracted. A `groupdiff sample`
-    folder keeps the pool features extracted from it, so that evaluating it again (a
-    study's rerun, another --paired-with) skips the network. The cache is optional: a
-    corrupt one is recomputed and one that cannot be written is skipped, each with a note."""
-    folder = Path(path)
-    cache = folder / POOL_FEATURES
-    if pool_only and folder.is_dir():
-        try:
-            saved = load_pool_features(cache, images, read["extractor"])
-        except IntegrityError as e:
-            saved = None
-            notes.append(f"{e}: recomputed")
-        if saved is not None:
-            return saved
-    feats = extract_features(images, desc=desc, **read)
-    if (folder / SAMPLE_CONFIG).is_file() and read["state"].is_main_process:
-        try:
-            save_pool_features(feats, cache, read["extractor"])
-        except OSError as e:
-            notes.append(f"pool features not kept in {cache} ({e.strerror or e}); the metrics are unaffected")
-    return feats
 
 
 def _checked_resampling(samples, count: int, metrics, bootstrap: int, block: int | None, path):
@@ -241,25 +321,6 @@ def _checked_resampling(samples, count: int, metrics, bootstrap: int, block: int
         raise ValueError(f"--paired-with {path}: its {LABELS_FILE} differs from SAMPLES' (image i of both must share "
                          f"its seed and label; `sample --align-labels` lines them up)")
     return block, images
-
-
-def _reference(ref_path: Path, save_ref_stats, read: dict):
-    """The reference's statistics: read from a stats file, or computed from its images
-    (and saved to ``save_ref_stats``)."""
-    if is_stats_file(ref_path):
-        ref = load_reference_stats(ref_path)
-        for name, arr, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
-            if arr is not None and arr.shape != (dim,):
-                raise ValueError(f"feature dimensions differ: samples have {dim}, the reference {ref_path} "
-                                 f"has {name} of shape {arr.shape}")
-        return ref
-    ref_images = open_images(ref_path)
-    if len(ref_images) < 2:
-        raise ValueError(f"{ref_path}: {len(ref_images)} image(s); a reference needs at least 2")
-    ref = reference_from_features(str(ref_path), extract_features(ref_images, desc="reference", **read))
-    if save_ref_stats and read["state"].is_main_process:
-        save_reference(ref, save_ref_stats)
-    return ref
 
 
 def _supported_metrics(metrics, ref, ref_path: Path, num_samples: int, has_logits: bool,

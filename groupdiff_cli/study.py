@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from groupdiff_cli import attention, fid, inception, metrics
+from groupdiff_cli import attention, fid
 from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
 from groupdiff_cli.checkpoints import load_model
 from groupdiff_cli.data import read_dataset
@@ -56,62 +56,63 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     block = label_block(group_sizes, num_samples, align_labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, pools = [], {}
-    extractor = inception.InceptionFeatures(inception_weights) if ref is not None else None  # built once
-    stats = out / "reference_stats.npz"  # images given as REF: their features are extracted once
-    loaded = load_model(ckpt)
+    evaluator = None if ref is None else _evaluator(ref, out, inception_weights, cpu)
+    loaded = load_model(ckpt)  # once: every group size, the attention figures and the branch losses use it
     # every group size's job, so that a size the checkpoint cannot run is refused before any sampling
     settings = dict(num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                     seed=seed, vae=vae, guidance_interval=guidance_interval, warn=log)
     jobs = {n: build_job(ckpt, group_size=n, loaded=loaded, **settings)[0] for n in group_sizes}
-    base_job = _sample_baseline(baseline, settings, out / "baseline", batch_size, cpu)
+    has_baseline = _sample_baseline(baseline, settings, out / "baseline", batch_size, cpu)
+    rows = []
     for n, job in jobs.items():
         run_sampling(job, loaded[0], out / f"N{n}", batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
-        if ref is not None:
-            if not fid.is_stats_file(Path(ref)) and stats.exists():
-                ref = stats
+        if evaluator is not None:
             # pool features only: a rerun reuses those kept in N{n}/ (no Inception pass)
-            rep, feats = fid.evaluate_with_features(
-                out / f"N{n}", ref, ("fid", "prc"), extractor=extractor, bootstrap=bootstrap, bootstrap_block=n,
-                seed=seed, cpu=cpu, explicit_metrics=False,
-                save_ref_stats=None if fid.is_stats_file(Path(ref)) else stats)
-            pools[n] = feats.pool
-            m = rep["metrics"]
+            m = evaluator.evaluate(out / f"N{n}", ("fid", "prc"), bootstrap=bootstrap, bootstrap_block=n, seed=seed,
+                                   explicit_metrics=False)[0]["metrics"]
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
             if "fid_bootstrap" in m:
                 row.update(fid_ci_lo=m["fid_bootstrap"]["ci95"][0], fid_ci_hi=m["fid_bootstrap"]["ci95"][1])
         if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1) and attention_groups:
             r = attention.run_attention(ckpt, [n], attention_groups, None, cfg_scale=cfg_scale, sampler=sampler,
-                                        steps=steps, seed=seed, batch_size=batch_size, vae=vae, cpu=cpu)
+                                        steps=steps, seed=seed, batch_size=batch_size, vae=vae, cpu=cpu, loaded=loaded)
             row.update(s_cross=r["group_sizes"][n]["s_cross"])
         else:
             # no cross-image attention (guidance off), or not measured (--attention-groups 0)
             row.update(s_cross=0.0 if n >= 2 and attention_groups else None)
         rows.append(row)
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-    if ref is not None and bootstrap and (len(pools) > 1 or base_job is not None):
-        ref_stats = Path(ref) if fid.is_stats_file(Path(ref)) else stats
-        reference = fid.load_reference_stats(ref_stats)
-        fd = metrics.FrechetDistance(reference.mu, reference.sigma)
-        add_paired_differences(rows, pools, out, fd, bootstrap, seed, log)
-        if base_job is not None:
-            add_baseline_differences(rows, pools, out, fd, ref_stats, extractor, bootstrap, seed, cpu, log)
+    if evaluator is not None and bootstrap:
+        add_paired_differences(rows, out, evaluator, bootstrap, seed, log)
+        if has_baseline:
+            add_baseline_differences(rows, out, evaluator, bootstrap, seed, log)
     write_study_csv(rows, out / "study.csv")
     plot_study(rows, out / "study.png")
     if eval_data:
-        write_branch_losses(ckpt, eval_data, group_sizes, out, seed, log)
+        write_branch_losses(loaded, eval_data, group_sizes, out, seed, log)
     return rows
 
 
-def _sample_baseline(baseline, settings: dict, out: Path, batch_size: int, cpu: bool):
-    """The baseline one by one on the study's seeds and labels, in ``out``; its job (None without one)."""
+def _evaluator(ref, out: Path, inception_weights, cpu: bool) -> fid.Evaluator:
+    """The study's evaluator; images given as REF have their statistics kept in
+    OUT/reference_stats.npz, which a rerun reads instead."""
+    stats = out / "reference_stats.npz"
+    if fid.is_stats_file(Path(ref)):
+        return fid.Evaluator(ref, inception_weights, cpu=cpu)
+    if stats.exists():
+        return fid.Evaluator(stats, inception_weights, cpu=cpu)
+    return fid.Evaluator(ref, inception_weights, cpu=cpu, save_ref_stats=stats)
+
+
+def _sample_baseline(baseline, settings: dict, out: Path, batch_size: int, cpu: bool) -> bool:
+    """The baseline one by one on the study's seeds and labels, in ``out``; whether there is one."""
     if baseline is None:
-        return None
+        return False
     loaded = load_model(baseline)
     job = build_job(baseline, group_size=1, loaded=loaded, **settings)[0]
     run_sampling(job, loaded[0], out, batch_size=batch_size, cpu=cpu)
-    return job
+    return True
 
 
 STUDY_FIELDS = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
@@ -126,66 +127,61 @@ def write_study_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: r.get(k) for k in STUDY_FIELDS})
 
 
-def add_paired_differences(rows: list[dict], pools: dict, out: Path, fd, rounds: int, seed: int = 0,
+def add_paired_differences(rows: list[dict], out: Path, evaluator: fid.Evaluator, rounds: int, seed: int = 0,
                            log=print) -> None:
     """Add FID(N) - FID(smallest N) with a paired bootstrap interval (fid_diff,
     fid_diff_lo, fid_diff_hi) to the rows. The resampled blocks hold whole groups of
     every N (the least common multiple of the group sizes), and the same blocks are drawn
     for every N; only group sizes whose images carry the same labels as the smallest
     N's (N{n}/labels.npy) are paired."""
-    if len(pools) < 2:
+    sizes = [r["group_size"] for r in rows if "fid" in r]
+    if len(sizes) < 2:
         return
-    base = min(pools)
-    block = math.lcm(*pools)
-    count = len(pools[base])
+    base, block = min(sizes), math.lcm(*sizes)
+    count = len(np.load(out / f"N{base}" / LABELS_FILE))
     if count % block:
         log(f"paired FID differences skipped: {count} samples are not a multiple of {block}, "
             f"the least common multiple of the group sizes")
         return
-    base_labels = np.load(out / f"N{base}" / LABELS_FILE)
-    base_values = metrics.resampled_fids(pools[base], fd, rounds, block, seed)
-    base_fid = next(r["fid"] for r in rows if r["group_size"] == base)
     for row in rows:
         n = row["group_size"]
-        if n == base or n not in pools:
+        if n == base or n not in sizes:
             continue
-        if not np.array_equal(np.load(out / f"N{n}" / LABELS_FILE), base_labels):
-            log(f"N={n}: labels differ from N={base}'s, no paired difference")
-            continue
-        d = metrics.paired_fid_difference(pools[n], pools[base], fd, rounds, block, seed, base_values=base_values,
-                                          estimate=row["fid"] - base_fid)  # the rows' FIDs: not computed again
-        row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
-        log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
-            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({rounds} resamples of blocks of {block})")
+        d = _paired(evaluator, out / f"N{n}", out / f"N{base}", f"N={base}", rounds, block, seed, log)
+        if d is not None:
+            row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
+            log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
+                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({rounds} resamples of blocks of {block})")
 
 
-def add_baseline_differences(rows: list[dict], pools: dict, out: Path, fd, ref_stats: Path, extractor, rounds: int,
-                             seed: int, cpu: bool, log=print) -> None:
+def add_baseline_differences(rows: list[dict], out: Path, evaluator: fid.Evaluator, rounds: int, seed: int,
+                             log=print) -> None:
     """Add FID(N) - FID(baseline) with a paired interval (fid_vs_base*) to the rows: the
     baseline in OUT/baseline/ drew image i from the same seed and label as every N."""
-    base = out / "baseline"
-    base_pool = fid.evaluate_with_features(base, ref_stats, ("fid",), extractor=extractor, cpu=cpu)[1].pool
-    base_labels = np.load(base / LABELS_FILE)
-    block = math.lcm(*pools)
-    base_values = metrics.resampled_fids(base_pool, fd, rounds, block, seed)
-    base_fid = fd.of_features(base_pool)
-    log(f"baseline: FID {base_fid:.4g}")
+    block = math.lcm(*(r["group_size"] for r in rows))
+    log(f"baseline: FID {evaluator.fid(out / 'baseline'):.4g}")
     for row in rows:
         n = row["group_size"]
-        if not np.array_equal(np.load(out / f"N{n}" / LABELS_FILE), base_labels):
-            log(f"N={n}: labels differ from the baseline's, no paired difference")
-            continue
-        d = metrics.paired_fid_difference(pools[n], base_pool, fd, rounds, block, seed, base_values=base_values,
-                                          estimate=row["fid"] - base_fid)
-        row.update(fid_vs_base=d["difference"], fid_vs_base_lo=d["ci95"][0], fid_vs_base_hi=d["ci95"][1])
-        log(f"N={n}: FID - FID(baseline) = {d['difference']:+.3f}, paired 95% interval "
-            f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+        d = _paired(evaluator, out / f"N{n}", out / "baseline", "the baseline", rounds, block, seed, log)
+        if d is not None:
+            row.update(fid_vs_base=d["difference"], fid_vs_base_lo=d["ci95"][0], fid_vs_base_hi=d["ci95"][1])
+            log(f"N={n}: FID - FID(baseline) = {d['difference']:+.3f}, paired 95% interval "
+                f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
 
 
-def write_branch_losses(ckpt, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:
-    """The held-out denoising loss per branch and group size (`branch_loss`) of the
-    checkpoint's EMA weights, to OUT/branch_loss.csv."""
-    model, info = load_model(ckpt, "ema")
+def _paired(evaluator: fid.Evaluator, folder: Path, other: Path, other_name: str, rounds: int, block: int,
+            seed: int, log) -> dict | None:
+    """The paired FID difference of two sample folders, None (with a note) when their labels differ."""
+    if not np.array_equal(np.load(folder / LABELS_FILE), np.load(other / LABELS_FILE)):
+        log(f"N={folder.name[1:]}: labels differ from {other_name}'s, no paired difference")
+        return None
+    return evaluator.paired_difference(folder, other, rounds, block, seed)
+
+
+def write_branch_losses(loaded, eval_data, group_sizes, out: Path, seed: int = 0, log=print) -> list[dict]:
+    """The held-out denoising loss per branch and group size (`branch_loss`) of a loaded
+    checkpoint's (``load_model``) EMA weights, to OUT/branch_loss.csv."""
+    model, info = loaded
     objective = create(of_run(info), model.learn_sigma)
     x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
                                  info.get("train", {}).get("similarity_threshold", 0.7), seed)

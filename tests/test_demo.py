@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_sampling import write_run
 
-from groupdiff_cli import demo, digits, fid, images, inception
+from groupdiff_cli import demo, digits, fid, images, inception, sampling, study
 from groupdiff_cli.cli import main
 from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
@@ -211,10 +211,17 @@ def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     weights = write_random_inception_weights(tmp_path / "inception.pth")
+    built = []  # the checkpoint is read and the Inception network built once for the whole study
+    for module in (study, sampling):
+        monkeypatch.setattr(module, "load_model", lambda *a, _f=module.load_model, **k: built.append("ckpt") or _f(*a, **k))
+    monkeypatch.setattr(fid, "InceptionFeatures", lambda *a, _f=fid.InceptionFeatures, **k: built.append("inception")
+                        or _f(*a, **k))
     res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--ref", str(ref), "--out", str(tmp_path / "s"),
                                     "--group-sizes", "1,2,4", "--num-samples", "8", "--steps", "2", "--bootstrap", "2",
                                     "--attention-groups", "2", "--inception-weights", weights])
     assert res.exit_code == 0, res.output
+    assert sorted(built) == ["ckpt", "inception"]
+    monkeypatch.undo()
     rows = list(csv.DictReader(open(tmp_path / "s" / "study.csv")))
     assert [int(r["group_size"]) for r in rows] == [1, 2, 4]
     assert all(float(r["fid_ci_lo"]) <= float(r["fid_ci_hi"]) for r in rows)
