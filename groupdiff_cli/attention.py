@@ -188,8 +188,8 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
     return files
 
 
-def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=CFG_SCALE, sampler=None,
-                  steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
+def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=CFG_SCALE,
+                  guidance_interval=(0.0, 1.0), sampler=None, steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
                   cpu=False, loaded=None) -> dict:
     """The `groupdiff attention` job: measure, summarise, draw; returns the report. ``loaded``:
     the checkpoint as ``load_model`` returned it, when the caller has it already."""
@@ -199,7 +199,8 @@ def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *
     for n in group_sizes:
         if n < 2:
             raise ValueError(f"--group-size {n}: S_cross needs groups of at least 2 images")
-        job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale, sampler=sampler,
+        job, model = build_job(ckpt, group_size=n, class_labels=[0], cfg_scale=cfg_scale,
+                               guidance_interval=guidance_interval, sampler=sampler,
                                steps=steps, seed=seed, vae=vae, weights=weights, model_name=model_name,
                                loaded=loaded, warn=lambda m: None)
         if job.cfg_scale == 1.0 and job.cond_group_size == 1:

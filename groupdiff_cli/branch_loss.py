@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli.data import SampleStream, build_groups, pixels_to_tensor, read_window
-from groupdiff_cli.seeds import evaluation_generator, evaluation_rng
+from groupdiff_cli.seeds import Draw, evaluation_generator, evaluation_rng
 
 DEFAULT_TIMES = (0.2, 0.5, 0.8)  # our convention: t = 1 is noise
 BRANCHES = ("cond", "null")
@@ -37,7 +37,7 @@ def heldout_latents(info: dict, num_images: int, max_group: int, threshold: floa
     data = read_window(SampleStream(info, rank=0, world=1, seed=seed).iterate(0), num_images)[0]
     rule = "similarity" if data.emb is not None else "class"
     groups = build_groups(data.emb, data.labels, num_images // max_group, max_group, rule, threshold,
-                          evaluation_rng(seed))
+                          evaluation_rng(seed, Draw.HELDOUT_GROUPS))
     order = np.array([i for g in groups for i in g])
     if info["vae"] == "pixel":
         x = pixels_to_tensor(data.mean[order])

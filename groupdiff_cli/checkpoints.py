@@ -37,11 +37,10 @@ from groupdiff_cli.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
 from groupdiff_cli.files import read_json_file, write_json_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
 from groupdiff_cli.models import GroupDiT, model_from_config
+from groupdiff_cli.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
+                                  checkpoint_dir, checkpoints_dir)
 from groupdiff_cli.official import load_pretrained
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_PREFIX = "step_"
-MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
 WEIGHT_FILES = dict(zip(WEIGHTS, (EMA_FILE, MODEL_FILE)))  # defaults.WEIGHTS: ("ema", "model")
 
 
@@ -62,10 +61,6 @@ def is_ours(path) -> bool:
     opposed to an official DiT/SiT file)."""
     path = Path(path)
     return path.is_dir() or path.suffix == ".safetensors" and path.parent.name.startswith(CHECKPOINT_PREFIX)
-
-
-def checkpoint_dir(run_dir, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict) -> Path:
@@ -139,7 +134,7 @@ def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary ones are named otherwise)."""
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = checkpoints_dir(run_dir)
     if not ckpts.is_dir():
         return []
     return sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))

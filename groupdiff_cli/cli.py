@@ -13,14 +13,16 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from groupdiff_cli import __version__
-from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_EMBEDDER, DEFAULT_STEPS, DEFAULT_VAE, DEMO_BOOTSTRAP,
+from groupdiff_cli import __version__, options
+from groupdiff_cli.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP,
                                     DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
                                     DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS,
                                     MAX_BOOTSTRAP, MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS,
                                     SAMPLE_IDS, SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS,
                                     WEIGHTS)
 from groupdiff_cli.files import InputError
+from groupdiff_cli.layout import DATASET_FILE
+from groupdiff_cli.options import Number, SamplerOption
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
 STOPPED_EXIT_CODE = 75  # as `train` after a stop signal (distributed.PREEMPTED_EXIT_CODE): rerun to continue
@@ -129,32 +131,6 @@ def _worker_error_line(e: RuntimeError) -> str | None:
             f"smaller --group-buffer if memory is short")
 
 
-class Number(click.FloatRange):
-    """A finite float in a range (click's FloatRange lets NaN through: every comparison
-    with NaN is false)."""
-
-    def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
-        if v != v or v in (float("inf"), float("-inf")):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return v
-
-
-class SamplerOption(click.Option):
-    """--sampler, whose help lists the registered samplers (read only when help is shown,
-    so that the command line starts without importing torch)."""
-
-    def get_help_record(self, ctx):
-        from groupdiff_cli.samplers import DEFAULT_SAMPLER, SAMPLERS
-
-        per_objective = {}
-        for smp in SAMPLERS.values():
-            per_objective.setdefault(smp.objective, []).append(f"{smp.name} ({smp.help})")
-        self.help = "; ".join(f"{obj} objective: {', '.join(names)}" for obj, names in per_objective.items()) + (
-            f". [default: {' / '.join(DEFAULT_SAMPLER[obj] for obj in per_objective)}]")
-        return super().get_help_record(ctx)
-
-
 def _check_writable_file(flag: str, path) -> None:
     """Before the work: the folder an output file goes to must exist and be writable."""
     if path is None:
@@ -248,7 +224,7 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
             click.echo(f"stopped after --max-shards {max_shards}; rerun the same command to continue")
         else:
             click.echo(f"{info['num_samples']} images in {len(info['shards'])} shards, "
-                       f"{info['skipped_count']} skipped: {Path(out) / 'dataset.json'}")
+                       f"{info['skipped_count']} skipped: {Path(out) / DATASET_FILE}")
 
 
 @main.command()
@@ -389,10 +365,7 @@ def _interval(value: str) -> tuple[float, float]:
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(path_type=str),
-              help="A run directory of `groupdiff train` (its latest checkpoint), one of its checkpoint "
-                   "directories, or a released file as it is: DiT's or SiT's .pt, REPA's SiT, the GroupDiff "
-                   "authors' .pth (docs/reproducing.md).")
+@options.ckpt
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder: grids/, samples.npz (ADM format), labels.npy. Rerunning the same command "
                    "resumes an interrupted run.")
@@ -410,29 +383,21 @@ def _interval(value: str) -> tuple[float, float]:
 @click.option("--align-labels", type=click.IntRange(1), default=None, metavar="M",
               help="With --num-samples: image i gets class (i // M) mod classes, so runs at every group size "
                    "dividing M get identical seeds and labels per image (to compare group sizes).")
-@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True,
-              help="Classifier-free guidance w (out = uncond + w (cond - uncond); 1 = off). 1.5 is the "
-                   "FID setting of DiT/SiT; about 4.0 gives the crisper images of their figures.")
+@options.cfg_scale
 @click.option("--cfg-channels", type=click.IntRange(1), default=None,
               help="Guide only the first K latent channels. 3 reproduces published DiT/SiT numbers "
                    "(their code guides 3 of 4). [default: all]")
-@click.option("--guidance-interval", default="0,1", show_default=True, metavar="LO,HI",
-              help="Guide only while LO <= t <= HI, with t = 1 pure noise and t = 0 data (DDPM step s is "
-                   "t = s/1000).")
+@options.guidance_interval
 @click.option("--cond-group-size", type=click.IntRange(1), default=None,
               help="Group size of the conditional branch. [default: 1, or the group size for GroupDiff-f "
                    "checkpoints]")
 @click.option("--uncond-group-size", type=click.IntRange(1), default=None,
               help="Group size of the unconditional branch. [default: the group size]")
-@click.option("--sampler", cls=SamplerOption, default=None)
-@click.option("--steps", type=click.IntRange(1), default=None, help=f"Sampling steps. [default: {DEFAULT_STEPS}]")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i draws from a stream keyed by (seed, i): other seeds give independent images.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
-              help="Images per forward pass and process (rounded down to whole groups).")
-@click.option("--vae", default=None,
-              help="AutoencoderKL hub id or local directory to decode with (e.g. stabilityai/sd-vae-ft-mse), "
-                   "or `pixel`. [default: the training data's VAE; stabilityai/sd-vae-ft-ema for official "
-                   "checkpoints]")
+@options.sampler
+@options.steps
+@options.seed
+@options.batch_size
+@options.vae
 @click.option("--vae-batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--save-images", is_flag=True, help="Also write every image as a PNG under images/.")
 @click.option("--chunk-groups", type=click.IntRange(1), default=None,
@@ -449,7 +414,7 @@ def _interval(value: str) -> tuple[float, float]:
               help="The GroupDiff authors' evaluation of their released models; it sets the options not given "
                    "on the command line: " + "; ".join(f"{k}: {_preset_text(v)}" for k, v in
                                                         sorted(SAMPLE_PRESETS.items())) + ".")
-@click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
+@options.cpu
 @click.pass_context
 def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels,
            align_labels, cfg_scale, cfg_channels, guidance_interval, cond_group_size, uncond_group_size, sampler,
@@ -489,29 +454,27 @@ def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, cla
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(path_type=str),
-              help="A run directory, checkpoint directory or official checkpoint (as for `sample`).")
+@options.ckpt
 @click.option("--group-size", "group_sizes", default="4,8,16", show_default=True, metavar="N,N,...",
               help="Group sizes to measure (each >= 2).")
 @click.option("--num-groups", default=32, show_default=True, type=click.IntRange(1),
               help="Groups sampled per group size (class-balanced labels).")
-@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True,
-              help="Guidance w; a GroupDiff-l model attends across images only in the unconditional branch, "
-                   "so w must be above 1.")
-@click.option("--sampler", cls=SamplerOption, default=None)
-@click.option("--steps", type=click.IntRange(1), default=None, help=f"Sampling steps. [default: {DEFAULT_STEPS}]")
+@options.cfg_scale
+@options.guidance_interval
+@options.sampler
+@options.steps
 @click.option("--at-steps", default=None, metavar="K,K,...",
               help="Network evaluations to measure at, 0 = the first (pure noise). [default: 8 spread over "
                    "the trajectory]")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
-@click.option("--vae", default=None, help="Decoder for the example pictures (as for `sample`).")
+@options.seed
+@options.batch_size
+@options.vae
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write attention.json and the PNG figures here.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the report here.")
-@click.option("--cpu", is_flag=True)
-def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps, seed, batch_size, vae, out_dir,
-              json_out, cpu):
+@options.cpu
+def attention(ckpt, group_sizes, num_groups, cfg_scale, guidance_interval, sampler, steps, at_steps, seed, batch_size,
+              vae, out_dir, json_out, cpu):
     """The paper's cross-sample attention score S_cross, per group size, block and step.
 
     Samples as `sample` does and, at the chosen steps and in every block, measures
@@ -529,7 +492,8 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, sampler, steps, at_steps
 
     _check_writable_file("--json", json_out)
     sizes = _int_list(group_sizes, "--group-size")
-    report = run_attention(ckpt, sizes, num_groups, out_dir, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
+    report = run_attention(ckpt, sizes, num_groups, out_dir, cfg_scale=cfg_scale,
+                           guidance_interval=_interval(guidance_interval), sampler=sampler, steps=steps,
                            at_steps=_int_list(at_steps, "--at-steps"), seed=seed, batch_size=batch_size, vae=vae,
                            cpu=cpu)
     if process_state(cpu).is_main_process:
@@ -678,7 +642,7 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(path_type=str), help="As for `sample`.")
+@options.ckpt
 @click.option("--ref", default=None, type=click.Path(path_type=str),
               help="FID reference (as for `fid`); without it only S_cross is measured.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -689,11 +653,10 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
               help="Image i gets seed i and class (i // M) mod classes at every group size (each must divide "
                    "M). Studies of other runs with the same M, or `sample --align-labels M`, then pair image by "
                    "image (`fid --paired-with`).  [default: the largest of --group-sizes]")
-@click.option("--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True)
-@click.option("--guidance-interval", default="0,1", show_default=True, metavar="LO,HI",
-              help="Guide only while LO <= t <= HI (t = 1 noise; the authors' release: 0.25,0.75).")
-@click.option("--sampler", cls=SamplerOption, default=None)
-@click.option("--steps", type=click.IntRange(1), default=None)
+@options.cfg_scale
+@options.guidance_interval
+@options.sampler
+@options.steps
 @click.option("--baseline", default=None, type=click.Path(path_type=str),
               help="A second checkpoint (e.g. the same network trained without groups) sampled one by one on the "
                    "same seeds and labels: each group size also gets FID(N) - FID(baseline) with a paired interval "
@@ -706,11 +669,12 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
 @click.option("--eval-data", default=None, type=click.Path(path_type=str),
               help="Held-out `encode` shards: also the denoising loss per branch and group size "
                    "(OUT/branch_loss.csv).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--cpu", is_flag=True)
+@options.seed
+@options.batch_size
+@options.vae
+@options.cpu
 def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale, guidance_interval, sampler, steps,
-          baseline, bootstrap, attention_groups, inception_weights, eval_data, seed, batch_size, cpu):
+          baseline, bootstrap, attention_groups, inception_weights, eval_data, seed, batch_size, vae, cpu):
     """The group-size study: for one checkpoint, sample at each group size with identical
     seeds and labels, then FID (bias-corrected bootstrap interval over whole groups),
     FID(N) - FID(smallest N) with a paired bootstrap interval (the same resampled
@@ -722,7 +686,7 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale,
     from groupdiff_cli.study import run_study
 
     rows = run_study(ckpt, ref, out_dir, _group_sizes(group_sizes), num_samples,
-                     cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                     cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, vae=vae,
                      bootstrap=bootstrap, attention_groups=attention_groups, inception_weights=inception_weights,
                      cpu=cpu, eval_data=eval_data, align_labels=align_labels,
                      guidance_interval=_interval(guidance_interval), baseline=baseline,

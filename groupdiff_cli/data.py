@@ -36,6 +36,7 @@ from PIL import Image
 
 from groupdiff_cli.distributed import worker_init
 from groupdiff_cli.files import InputError, read_json_file, size_text
+from groupdiff_cli.layout import DATASET_FILE, shard_record
 from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
 
 DATASET_KEYS = ("shards", "num_classes", "latent_shape", "vae", "vae_scale")
@@ -45,9 +46,9 @@ def read_dataset(data_dir, flag: str = "--data") -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"{flag} {data_dir}: no such directory")
-    meta = data_dir / "dataset.json"
+    meta = data_dir / DATASET_FILE
     if not meta.is_file():
-        raise ValueError(f"{flag} {data_dir}: no dataset.json (encode the images first with `groupdiff encode`)")
+        raise ValueError(f"{flag} {data_dir}: no {DATASET_FILE} (encode the images first with `groupdiff encode`)")
     info = read_json_file(meta, flag)
     missing = [k for k in DATASET_KEYS if k not in info]
     if missing:
@@ -55,10 +56,10 @@ def read_dataset(data_dir, flag: str = "--data") -> dict:
     counts = []
     for shard in info["shards"]:
         if not (data_dir / shard).is_file():
-            raise ValueError(f"{flag} {data_dir}: shard {shard} listed in dataset.json is missing")
-        side = read_json_file(data_dir / shard.replace(".tar", ".json"), flag)
+            raise ValueError(f"{flag} {data_dir}: shard {shard} listed in {DATASET_FILE} is missing")
+        side = read_json_file(shard_record(data_dir / shard), flag)
         if not isinstance(side.get("count"), int):
-            raise ValueError(f"{flag}: {data_dir / shard.replace('.tar', '.json')} has no sample count")
+            raise ValueError(f"{flag}: {shard_record(data_dir / shard)} has no sample count")
         counts.append(side["count"])
     if sum(counts) == 0:
         raise ValueError(f"{flag} {data_dir}: the shards hold no samples")

@@ -56,7 +56,7 @@ DEFAULT_EMBEDDER = "vit_base_patch14_dinov2.lvd142m"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainOptions:
     data: str
     model: str = "SiT-XL/2"

@@ -33,7 +33,7 @@ from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_B
 from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
 from groupdiff_cli.encode import EncodeConfig, encode
 from groupdiff_cli.files import atomic_path, write_json_atomic
-from groupdiff_cli.images import SAMPLES_FILE
+from groupdiff_cli.layout import DATASET_FILE, SAMPLES_FILE
 from groupdiff_cli.inception import InceptionFeatures
 from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.sampling import build_job, run_sampling
@@ -109,7 +109,7 @@ def check_shipped_runs() -> None:
 
 
 def _encode(digits: Path, data: Path) -> None:
-    if not (data / "dataset.json").exists():
+    if not (data / DATASET_FILE).exists():
         encode(digits, data, EncodeConfig(src=str(digits), image_size=8, vae="pixel", embedder="none", flip=False,
                                           shard_size=1000), batch_size=256, num_workers=0, cpu=True,
                log=lambda m: None)

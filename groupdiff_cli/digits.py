@@ -26,7 +26,7 @@ from torch import nn
 
 from groupdiff_cli.files import atomic_path, read_json_file, write_json_atomic
 from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
-from groupdiff_cli.seeds import evaluation_generator, evaluation_rng, seed_initialisation
+from groupdiff_cli.seeds import Draw, evaluation_generator, evaluation_rng, seed_initialisation
 
 HERE = Path(__file__).resolve().parent / "pretrained"
 MANIFEST = "MANIFEST.json"  # in HERE: the sha256 of every file shipped there (``write_manifest``)
@@ -93,7 +93,7 @@ def write_digits(root) -> Path:
 
 def heldout_split(labels: np.ndarray, per_class: int = HELDOUT, seed: int = SPLIT_SEED) -> np.ndarray:
     """A boolean mask: ``per_class`` images of every class, chosen by ``seed``, held out."""
-    rng = evaluation_rng(seed)
+    rng = evaluation_rng(seed, Draw.DIGITS_SPLIT)
     mask = np.zeros(len(labels), bool)
     for c in np.unique(labels):
         mask[rng.choice(np.flatnonzero(labels == c), per_class, replace=False)] = True

@@ -41,6 +41,7 @@ from groupdiff_cli import __version__
 from groupdiff_cli.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
 from groupdiff_cli.distributed import process_state, take_job_lock, worker_init
 from groupdiff_cli.files import atomic_path, check_output_dir, write_text_atomic
+from groupdiff_cli.layout import DATASET_FILE, shard_record, shard_stem
 from groupdiff_cli.inception import InceptionFeatures
 from groupdiff_cli.seeds import encode_order_rng
 from groupdiff_cli.vae import load_vae
@@ -247,10 +248,6 @@ class EncodeConfig:
     seed: int = 0
 
 
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}"
-
-
 def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out: Path, batch_size, num_workers,
                  device, bar=None) -> dict:
     """Encode one shard into OUT/shard-k.tar (+ its .json), atomically."""
@@ -261,7 +258,7 @@ def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out:
     lat_sum = lat_sq = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    with atomic_path(out / f"{shard_name(k)}.tar") as tmp_tar:
+    with atomic_path(out / f"{shard_stem(k)}.tar") as tmp_tar:
         with wds.TarWriter(str(tmp_tar)) as sink:
             for batch in loader:
                 good = [(i, img) for i, img, err in batch if err is None]
@@ -298,19 +295,19 @@ def encode_shard(k, indices, items, root, cfg: EncodeConfig, vae, embedder, out:
                     sink.write(sample)
                 count += len(idx)
         hw = None if lat_sum is None else int(latents.shape[-1])
-        meta = dict(shard=f"{shard_name(k)}.tar", count=count, skipped=skipped,
+        meta = dict(shard=f"{shard_stem(k)}.tar", count=count, skipped=skipped,
                     latent_sum=None if lat_sum is None else lat_sum.tolist(),
                     latent_sqsum=None if lat_sq is None else lat_sq.tolist(),
                     latent_shape=None if lat_sum is None else [len(lat_sum), hw, hw],
                     embedder_dim=None if embedder is None else embedder.dim)
         # the .json first; the .tar is renamed into place as this block ends, so a
         # .tar on disk always has its .json
-        write_text_atomic(out / f"{shard_name(k)}.json", json.dumps(meta))
+        write_text_atomic(shard_record(out / f"{shard_stem(k)}.tar"), json.dumps(meta))
     return meta
 
 
 def write_dataset_json(out: Path, cfg: EncodeConfig, classes, num_shards: int) -> dict:
-    metas = [json.loads((out / f"{shard_name(k)}.json").read_text()) for k in range(num_shards)]
+    metas = [json.loads(shard_record(out / f"{shard_stem(k)}.tar").read_text()) for k in range(num_shards)]
     n = sum(m["count"] for m in metas)
     per = [m for m in metas if m["latent_sum"] is not None]
     total = np.sum([m["latent_sum"] for m in per], axis=0)
@@ -329,7 +326,7 @@ def write_dataset_json(out: Path, cfg: EncodeConfig, classes, num_shards: int) -
         flip=cfg.flip, crop=CROP, embedder=cfg.embedder if metas[0]["embedder_dim"] else "none",
         embedder_dim=metas[0]["embedder_dim"], shards=[m["shard"] for m in metas], shard_size=cfg.shard_size,
         seed=cfg.seed, skipped_count=len(skipped), skipped=skipped, groupdiff=__version__)
-    write_text_atomic(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / DATASET_FILE, json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -379,7 +376,7 @@ def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state
     order = encode_order_rng(cfg.seed).permutation(len(items))
     num_shards = -(-len(items) // cfg.shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not (out / f"{shard_name(k)}.tar").exists()]
+    todo = [k for k in mine if not (out / f"{shard_stem(k)}.tar").exists()]
     if limit_shards is not None:
         todo = todo[:limit_shards]
     n_todo = sum(len(order[k * cfg.shard_size:(k + 1) * cfg.shard_size]) for k in todo)
@@ -394,10 +391,10 @@ def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state
             log(f"skipped {s['path']}: {s['error']}")
     bar.close()
     state.wait_for_everyone()
-    done = all((out / f"{shard_name(k)}.tar").exists() for k in range(num_shards))
+    done = all((out / f"{shard_stem(k)}.tar").exists() for k in range(num_shards))
     if not done:
         return None
     if state.is_main_process:
         write_dataset_json(out, cfg, classes, num_shards)
     state.wait_for_everyone()
-    return json.loads((out / "dataset.json").read_text())
+    return json.loads((out / DATASET_FILE).read_text())

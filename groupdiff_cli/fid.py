@@ -14,14 +14,14 @@ import torch
 from groupdiff_cli import __version__
 from groupdiff_cli.defaults import MAX_BOOTSTRAP
 from groupdiff_cli.distributed import process_state
-from groupdiff_cli.images import (LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG, NpzImages, npz_keys, npz_member,
-                                  open_images, recorded_group_size)
+from groupdiff_cli.images import NpzImages, npz_keys, npz_member, open_images, recorded_group_size
 from groupdiff_cli.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, extract_features,
                                      load_pool_features, save_pool_features)
 from groupdiff_cli.integrity import DIGEST_KEY, IntegrityError, file_sha256, load_arrays, save_arrays
+from groupdiff_cli.layout import LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG
 from groupdiff_cli.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
                                    kernel_inception_distance, paired_fid_difference, precision_recall, resampled_fids)
-from groupdiff_cli.seeds import evaluation_rng
+from groupdiff_cli.seeds import Draw, evaluation_rng
 
 METRICS = ("fid", "sfid", "isc", "prc", "kid")
 DEFAULT_METRICS = ("fid", "sfid", "isc", "prc")
@@ -59,7 +59,7 @@ class Reference:
 def _subset_for_prc(n: int, seed: int = 0) -> np.ndarray:
     if n <= PRC_REFERENCE_COUNT:
         return np.arange(n)
-    return np.sort(evaluation_rng(seed).choice(n, PRC_REFERENCE_COUNT, replace=False))
+    return np.sort(evaluation_rng(seed, Draw.PRC_SUBSET).choice(n, PRC_REFERENCE_COUNT, replace=False))
 
 
 def reference_from_features(source: str, feats: Features) -> Reference:

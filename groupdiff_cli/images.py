@@ -15,11 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from groupdiff_cli.defaults import IMAGE_SUFFIXES
 from groupdiff_cli.files import InputError
+from groupdiff_cli.layout import SAMPLE_CONFIG, SAMPLES_FILE
 
-# A `groupdiff sample` folder: what `sampling` writes, and `fid` and `study` read
-SAMPLE_CONFIG = "sample_config.json"  # the SampleJob: a rerun resumes, another job is refused
-SAMPLES_FILE, LABELS_FILE = "samples.npz", "labels.npy"  # ADM-style arr_0 (N, H, W, 3) uint8; labels (N,)
-POOL_FEATURES = "pool_features.npz"  # the samples' Inception pool features, kept there by `fid`
 
 
 def recorded_group_size(folder) -> int | None:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from groupdiff_cli.files import InputError
-from groupdiff_cli.seeds import evaluation_rng
+from groupdiff_cli.seeds import Draw, evaluation_rng
 
 PRC_K = 3  # ADM's neighbourhood size
 
@@ -131,7 +131,7 @@ def resampled_fids(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: in
     if rounds < 2:
         raise ValueError(f"--bootstrap {rounds}: need at least 2 resamples")
     blocks = np.asarray(pool, dtype=np.float64).reshape(n // block, block, -1)
-    rng = evaluation_rng(seed)
+    rng = evaluation_rng(seed, Draw.BOOTSTRAP)
     return np.asarray([fd.of_features(blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1))
                        for _ in tqdm(range(rounds), desc="bootstrap", unit="resample", leave=False)])
 

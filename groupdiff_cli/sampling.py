@@ -40,7 +40,8 @@ from groupdiff_cli.defaults import (CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL
                                     SD_VAE_SCALE)
 from groupdiff_cli.distributed import process_state, take_job_lock
 from groupdiff_cli.files import atomic_path, check_output_dir, write_json_atomic
-from groupdiff_cli.images import LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE
+from groupdiff_cli.layout import (CHUNKS_DIR, GRIDS_DIR, IMAGES_DIR, LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE, chunk_file,
+                                  image_file)
 from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.objectives import create, of_run
 from groupdiff_cli.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
@@ -358,9 +359,9 @@ def _chunk_ok(path: Path, job: SampleJob, k: int) -> bool:
 
 
 def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
-    chunks_dir, config_file = out / "chunks", out / SAMPLE_CONFIG
+    chunks_dir, config_file = out / CHUNKS_DIR, out / SAMPLE_CONFIG
     if state.is_main_process:
-        for d in (chunks_dir, out / "grids") + ((out / "images",) if save_images else ()):
+        for d in (chunks_dir, out / GRIDS_DIR) + ((out / IMAGES_DIR,) if save_images else ()):
             d.mkdir(parents=True, exist_ok=True)
         if not config_file.exists():
             write_json_atomic(json.loads(json.dumps(asdict(job))), config_file)
@@ -369,7 +370,7 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
     model = model.to(state.device)
     objective = job_objective(job, model)
     mine = [k for k in range(job.num_chunks) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _chunk_ok(chunks_dir / f"chunk_{k:05d}.npz", job, k)]
+    todo = [k for k in mine if not _chunk_ok(chunk_file(out, k), job, k)]
     bar = tqdm(total=sum(job.chunk_images(k) for k in todo) * state.num_processes, unit="img", desc="sampling",
                disable=not state.is_main_process)
     for k in todo:
@@ -405,13 +406,13 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
         images.append(decode(vae, z.to(state.device), job.vae_scale, vae_batch_size).numpy())
         progress(len(labels))
     images = np.concatenate(images)
-    write_grids(images, job.labels[g0:g1], g0, job.group_size, out / "grids")
+    write_grids(images, job.labels[g0:g1], g0, job.group_size, out / GRIDS_DIR)
     if save_images:
         for i, img in enumerate(images):
-            _save_png(img, out / "images" / f"{g0 * job.group_size + i:06d}.png")
+            _save_png(img, image_file(out, g0 * job.group_size + i))
     labels = np.repeat(np.array(job.labels[g0:g1], np.int64), job.group_size)
     # written atomically: a chunk on disk is a finished chunk; its digest and key are checked when joined
-    save_arrays(out / "chunks" / f"chunk_{k:05d}.npz", arr_0=images, arr_1=labels, key=np.array(chunk_key(job, k)))
+    save_arrays(chunk_file(out, k), arr_0=images, arr_1=labels, key=np.array(chunk_key(job, k)))
 
 
 def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path) -> None:
@@ -419,7 +420,7 @@ def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path)
 
     def read_chunks():
         for k in range(job.num_chunks):
-            path = chunks_dir / f"chunk_{k:05d}.npz"
+            path = chunk_file(chunks_dir.parent, k)
             arrays = load_arrays(path)
             if str(arrays.get("key")) != chunk_key(job, k):
                 raise IntegrityError(path, "it belongs to another sampling job")

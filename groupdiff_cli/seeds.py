@@ -89,7 +89,19 @@ def encode_order_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def evaluation_rng(seed: int) -> np.random.Generator:
-    """Fixed numpy draws of a measurement: held-out splits and groupings, bootstrap
-    resamples, the reference subset of precision and recall."""
-    return np.random.default_rng(seed)
+class Draw(IntEnum):
+    """The numpy draws of measurements, each a stream of its own (``evaluation_rng``)."""
+
+    BOOTSTRAP = 0  # the blocks each bootstrap resample draws (metrics.resampled_fids)
+    PRC_SUBSET = 1  # the reference images precision and recall use when there are more than 10k
+    HELDOUT_GROUPS = 2  # the similarity groups of held-out images (branch losses)
+    DIGITS_SPLIT = 3  # the digits held out from the demo classifier's training
+
+
+def evaluation_rng(seed: int, draw: Draw) -> np.random.Generator:
+    """The stream of one kind of draw of a measurement, keyed by (seed, draw) so that no
+    two kinds share numbers. The bootstrap's is keyed by the seed alone: the stream the
+    published intervals were drawn with, and distinct from every (seed, draw) one."""
+    if draw == Draw.BOOTSTRAP:
+        return np.random.default_rng(seed)
+    return np.random.default_rng([seed, int(draw)])

@@ -24,7 +24,7 @@ from groupdiff_cli.checkpoints import load_model
 from groupdiff_cli.data import read_dataset
 from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
 from groupdiff_cli.files import atomic_path
-from groupdiff_cli.images import LABELS_FILE
+from groupdiff_cli.layout import LABELS_FILE
 from groupdiff_cli.objectives import create, of_run
 from groupdiff_cli.sampling import build_job, run_sampling
 
@@ -75,8 +75,9 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
             if "fid_bootstrap" in m:
                 row.update(fid_ci_lo=m["fid_bootstrap"]["ci95"][0], fid_ci_hi=m["fid_bootstrap"]["ci95"][1])
         if n >= 2 and (job.cfg_scale != 1.0 or job.cond_group_size > 1) and attention_groups:
-            r = attention.run_attention(ckpt, [n], attention_groups, None, cfg_scale=cfg_scale, sampler=sampler,
-                                        steps=steps, seed=seed, batch_size=batch_size, vae=vae, cpu=cpu, loaded=loaded)
+            r = attention.run_attention(ckpt, [n], attention_groups, None, cfg_scale=cfg_scale,
+                                        guidance_interval=guidance_interval, sampler=sampler, steps=steps, seed=seed,
+                                        batch_size=batch_size, vae=vae, cpu=cpu, loaded=loaded)
             row.update(s_cross=r["group_sizes"][n]["s_cross"])
         else:
             # no cross-image attention (guidance off), or not measured (--attention-groups 0)

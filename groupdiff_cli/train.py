@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from groupdiff_cli import __version__
 from groupdiff_cli.branch_loss import branch_losses, heldout_latents
-from groupdiff_cli.checkpoints import (CONFIG_FILE, checkpoint_dirs, is_ours, load_model,
+from groupdiff_cli.checkpoints import (checkpoint_dirs, is_ours, load_model,
                                        load_training_state, prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
 from groupdiff_cli.defaults import GROUP_MODES, GROUPINGS, NO_DECAY_RULES, STUDY_GROUP_SIZES, TrainOptions
 from groupdiff_cli.distributed import StopSignals, process_state, take_job_lock
 from groupdiff_cli.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
+from groupdiff_cli.layout import CONFIG_FILE, EVAL_LOG, METRICS_LOG, checkpoints_dir
 from groupdiff_cli.models import MODELS, SAMPLE_EMBED_KEY, create_model
 from groupdiff_cli.official import describe, load_pretrained
 from groupdiff_cli.objectives import create as create_objective
@@ -107,7 +108,7 @@ def _heldout_eval(o: TrainOptions, info: dict, ema, objective, run_dir: Path):
         """Returns the seconds it took (kept out of the logged throughput)."""
         t0 = time.perf_counter()
         rows = branch_losses(ema, objective, x0, labels, sizes, seed=o.seed)
-        with open(run_dir / "eval.jsonl", "a") as f:
+        with open(run_dir / EVAL_LOG, "a") as f:
             f.write(json.dumps(dict(step=step, weights="ema", images=len(labels), rows=rows)) + "\n")
         return time.perf_counter() - t0
 
@@ -123,7 +124,7 @@ def train(o: TrainOptions, resume: bool = False, log=print) -> dict:
     state = process_state(o.cpu)
     _validate(o, state.num_processes)
     info = read_dataset(o.data)
-    _resolve_defaults(o, info, state.is_main_process, log)
+    o = resolved(o, info, state.is_main_process, log)
     run = Run(o, state, info)
     # everything that can be checked before the run directory is touched
     batches = run.loader()
@@ -167,15 +168,16 @@ def _check_same_latent_space(info: dict, heldout: dict | None) -> None:
                              f"{info.get(key)}; held-out shards must be encoded like the training shards")
 
 
-def _resolve_defaults(o: TrainOptions, info: dict, main_process: bool, log) -> None:
-    """Options whose default depends on the data or the model: the grouping rule and
-    the objective (chosen here, recorded in config.json, read back by sampling)."""
+def resolved(o: TrainOptions, info: dict, main_process: bool = True, log=print) -> TrainOptions:
+    """The options with every default that depends on the data or the model filled in: the
+    grouping rule, the objective (chosen here, recorded in config.json, read back by
+    sampling) and the run's name. A new value; ``o`` stays as given."""
     grouping = o.grouping or ("similarity" if info.get("embedder_dim") else "random")
     if o.grouping is None and grouping == "random" and o.group_mode != "none" and main_process:
         log("note: the shards have no embeddings, so groups are formed at random (--grouping class is the "
             "paper's better fallback)")
-    o.grouping = grouping
-    o.objective = for_model(o.model, o.objective)
+    return replace(o, grouping=grouping, objective=for_model(o.model, o.objective),
+                   run_name=o.run_name or default_run_name(o))
 
 
 def _check_run_dir(o: TrainOptions, run_dir: Path, resume: bool) -> list[Path]:
@@ -203,15 +205,14 @@ def _check_run_dir(o: TrainOptions, run_dir: Path, resume: bool) -> list[Path]:
 
 
 class Run:
-    """One training run: its options, processes, directory, model, EMA and optimizer."""
+    """One training run: its options (``resolved``), processes, directory, model, EMA and optimizer."""
 
     def __init__(self, o: TrainOptions, state, info: dict):
         self.o, self.state, self.info = o, state, info
         mp = o.mixed_precision or ("bf16" if torch.cuda.is_available() and not o.cpu else "no")
         self.accelerator = Accelerator(cpu=o.cpu or not torch.cuda.is_available(), mixed_precision=mp,
                                        gradient_accumulation_steps=o.grad_accum, log_with=o.report_to)
-        self.dir = Path(o.results_dir) / (o.run_name or default_run_name(o))
-        o.run_name = self.dir.name
+        self.dir = Path(o.results_dir) / o.run_name
         latent_c, latent_hw = info["latent_shape"][0], info["latent_shape"][1]
         self.model_overrides = dict(input_size=latent_hw, in_channels=latent_c, num_classes=info["num_classes"],
                                     max_group_size=o.max_group_size)
@@ -259,14 +260,14 @@ class Run:
     def _claim_dir(self, model, resuming: bool, log) -> None:
         # a run's logs hold each step once: rows past the checkpoint are logged again
         # (a fresh start drops the rows of an earlier start that saved no checkpoint)
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in (METRICS_LOG, EVAL_LOG):
             _drop_rows_after(self.dir / name, self.step)
         # model, EMA and two Adam moments in fp32: refuse to train steps that cannot be saved
         check_free_space(self.dir, 4 * 4 * sum(p.numel() for p in model.parameters()), "--results-dir")
         if resuming:
             log(f"resuming {self.dir} from step {self.step}")
         else:  # the job has started: only now is the run directory claimed
-            (self.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            checkpoints_dir(self.dir).mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.config, self.dir / CONFIG_FILE)
 
     def loop(self, batches: GroupBatches, heldout: dict | None, stop: StopSignals) -> dict:
@@ -295,7 +296,7 @@ class Run:
             if step % o.log_every == 0 or step == o.max_steps:
                 rec = window.row(step, o, batches)
                 if main:
-                    with open(self.dir / "metrics.jsonl", "a") as f:
+                    with open(self.dir / METRICS_LOG, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
                     self._warn_if_groups_are_random(batches)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from torch_fidelity.metric_kid import kernel_poly
 
-from groupdiff_cli import fid, images, metrics
+from groupdiff_cli import fid, images, layout, metrics
 
 
 def mate_similarity(pool: np.ndarray, labels: np.ndarray, group: int) -> dict:
@@ -106,8 +106,8 @@ def main() -> None:
     args = p.parse_args()
     ref = fid.load_reference_stats(args.ref)
     fd = metrics.FrechetDistance(ref.mu, ref.sigma)
-    runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / images.POOL_FEATURES).exists())
-    pools = {n: np.load(d / images.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
+    runs = sorted((int(d.name[1:]), d) for d in args.study.glob("N*") if (d / layout.POOL_FEATURES).exists())
+    pools = {n: np.load(d / layout.POOL_FEATURES)["pool"].astype(np.float64) for n, d in runs}
     counts = fid_against_count(pools, fd, args.block, [int(s) for s in args.sizes.split(",")], args.repeats)
     report = {}
     ref_pool = ref.pool.astype(np.float64)

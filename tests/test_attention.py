@@ -10,8 +10,8 @@ from groupdiff_cli import attention as att
 from groupdiff_cli.cli import main
 from groupdiff_cli.objectives import Flow
 from groupdiff_cli.sampling import Guidance, sample_groups
+from tests.helpers import random_model, write_run
 
-from test_sampling import random_model, write_run
 
 
 def dense_cross_sample_mass(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:

@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_sampling import write_run
 
 from groupdiff_cli import demo, digits, fid, images, inception, sampling, study
 from groupdiff_cli.cli import main
 from groupdiff_cli.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
+from tests.helpers import write_run
 
 
 def test_the_shipped_digits_are_the_uci_set_written_as_8x8_grey_class_folders(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import fid, images, inception, metrics
+from groupdiff_cli import fid, images, inception, layout, metrics
 from groupdiff_cli.cli import main
 from groupdiff_cli.files import InputError
 from groupdiff_cli.integrity import file_sha256
@@ -355,10 +355,10 @@ def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_
     a = _sample_dir(tmp_path / "a", data["samples"], np.zeros(8, np.int64))
     ext = inception.InceptionFeatures(data["weights"])
     fid.evaluate(a, d / "ref.npz", ("fid",), extractor=ext, cpu=True)
-    assert not (a / images.POOL_FEATURES).exists()  # not a `groupdiff sample` folder: nothing written into it
+    assert not (a / layout.POOL_FEATURES).exists()  # not a `groupdiff sample` folder: nothing written into it
     (a / "sample_config.json").write_text("{}")
     fresh = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
-    assert inception.load_pool_features(a / images.POOL_FEATURES, images.open_images(a), ext) is not None
+    assert inception.load_pool_features(a / layout.POOL_FEATURES, images.open_images(a), ext) is not None
     calls = []
     real = inception.extract_features
     monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))

@@ -10,12 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_robustness import (cli, images_npz, one_line, pixel_run, sample_args, snapshot, train_args,  # noqa: F401
-                             weights)
-from test_train import write_dataset
 
 from groupdiff_cli import fid, integrity
 from groupdiff_cli.integrity import DIGEST_KEY, IntegrityError
+from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset
 
 
 def flip_bytes(path, offset_from_end: int = 300, count: int = 200):
@@ -38,7 +36,7 @@ def test_tensors_and_arrays_round_trip_with_their_digest(tmp_path):
     assert integrity.tensors_digest({"a": torch.zeros(4)}) != integrity.tensors_digest({"b": torch.zeros(4)})
 
 
-def test_flipped_bytes_in_weights_are_one_line_naming_the_file(pixel_run, tmp_path):  # noqa: F811
+def test_flipped_bytes_in_weights_are_one_line_naming_the_file(pixel_run, tmp_path):
     from groupdiff_cli.checkpoints import checkpoint_dirs
 
     run = tmp_path / "run"
@@ -65,7 +63,7 @@ def test_a_corrupt_optimizer_state_is_refused_on_resume(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["wrong", "truncated", "flipped", "garbage", "nan", "pickled"])
-def test_a_corrupt_pool_feature_cache_is_recomputed(pixel_run, weights, tmp_path, how):  # noqa: F811
+def test_a_corrupt_pool_feature_cache_is_recomputed(pixel_run, weights, tmp_path, how):
     out = tmp_path / "s"
     assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0
     ref = images_npz(tmp_path / "ref.npz", 8)
@@ -94,7 +92,7 @@ def test_a_corrupt_pool_feature_cache_is_recomputed(pixel_run, weights, tmp_path
     assert integrity.load_arrays(cache)  # written again, whole
 
 
-def test_a_cache_that_cannot_be_written_is_a_note_and_the_metric_is_kept(pixel_run, weights, tmp_path,  # noqa: F811
+def test_a_cache_that_cannot_be_written_is_a_note_and_the_metric_is_kept(pixel_run, weights, tmp_path,
                                                                           monkeypatch):
     out = tmp_path / "s"
     assert cli(*sample_args(pixel_run, out, "--num-samples", "8")).exit_code == 0
@@ -232,7 +230,7 @@ def test_a_state_file_naming_another_step_is_refused(tmp_path):
     assert snapshot(tmp_path / "r") == before
 
 
-def test_our_weights_without_their_checksum_are_refused(pixel_run, tmp_path):  # noqa: F811
+def test_our_weights_without_their_checksum_are_refused(pixel_run, tmp_path):
     """A flip that hits the digest's key would otherwise switch the check off."""
     from safetensors.torch import save_file
 

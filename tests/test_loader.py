@@ -11,10 +11,10 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from test_train import write_dataset
 
 from groupdiff_cli.data import GroupBatches, GroupRecipe, _records, build_groups, read_dataset
 from groupdiff_cli.files import InputError
+from tests.helpers import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import weights, write_dataset
 
 from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
+from tests.helpers import checkpoint_weights, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -146,7 +146,7 @@ def test_a_stop_signal_checkpoints_exits_75_and_resume_is_bitwise(data, tmp_path
     straight = subprocess.run(train_cmd(data, tmp_path / "a", "--max-steps", str(step + 2), "--ckpt-every",
                                         "100000"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    for x, y in zip(weights(tmp_path / "a" / "r", step + 2)[:2], weights(run, step + 2)[:2]):
+    for x, y in zip(checkpoint_weights(tmp_path / "a" / "r", step + 2)[:2], checkpoint_weights(run, step + 2)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -179,7 +179,7 @@ def test_the_launcher_passes_usr1_on_and_every_process_stops_at_the_same_step(da
                               capture_output=True,
                               text=True, env=ENV, cwd=ROOT)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", step + 2)[:2], weights(run, step + 2)[:2]):
+    for x, y in zip(checkpoint_weights(tmp_path / "a" / "SiT-Ti-2-l4", step + 2)[:2], checkpoint_weights(run, step + 2)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_sampling import random_model
-from test_train import write_dataset
 
 from groupdiff_cli import samplers
 from groupdiff_cli.checkpoints import load_model
@@ -21,6 +19,7 @@ from groupdiff_cli.models import SAMPLE_EMBED_KEY
 from groupdiff_cli.objectives import Flow
 from groupdiff_cli.official import flip_flow_convention, load_pretrained, time_flip_matrix
 from groupdiff_cli.sampling import Guidance, make_denoiser, sample_groups
+from tests.helpers import random_model, write_dataset
 
 KW = dict(input_size=8, in_channels=4, num_classes=10, max_group_size=4)
 

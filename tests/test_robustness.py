@@ -13,43 +13,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from test_sampling import write_run
-from test_train import write_dataset
 
 from groupdiff_cli import fid, images, metrics
 from groupdiff_cli.cli import main
 from groupdiff_cli.files import LOCK_NAME, InputError
 from groupdiff_cli.integrity import file_sha256
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [*map(str, args)])
-
-
-def one_line(res, code: int, *needles: str):
-    """Exit code ``code`` and exactly one error line (progress bars and notes may come
-    before it on stderr) holding every needle; no traceback."""
-    assert res.exit_code == code, res.output
-    errors = [ln[ln.index("Error: "):] for ln in res.output.splitlines() if "Error: " in ln]
-    assert len(errors) == 1, res.output
-    for n in needles:
-        assert n in errors[0], res.output
-    assert "Traceback" not in res.output
-
-
-def snapshot(folder):
-    """{relative path: bytes} of every file below ``folder``."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset, write_run
 
 
 @pytest.fixture
 def data(tmp_path):
     return write_dataset(tmp_path / "data")
-
-
-def train_args(data, results, *extra):
-    return ["train", "--data", data, "--model", "SiT-Ti/2", "--results-dir", results, "--global-batch-size", "8",
-            "--group-buffer", "16", "--ckpt-every", "2", "--log-every", "1", "--cpu", *extra]
 
 
 # ---------------------------------------------------------------------------- train: corrupt data
@@ -185,16 +159,6 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(data, tm
 
 
 # ---------------------------------------------------------------------------- sample
-@pytest.fixture(scope="module")
-def pixel_run(tmp_path_factory):
-    return write_run(tmp_path_factory.mktemp("run"), name="SiT-Ti/2")
-
-
-def sample_args(ckpt, out, *extra):
-    return ["sample", "--ckpt", ckpt, "--out", out, "--group-size", "2", "--num-samples", "4", "--steps", "2",
-            "--chunk-groups", "1", *extra]
-
-
 def test_bad_checkpoint_files_are_one_line(tmp_path):
     (tmp_path / "r.pt").write_bytes(os.urandom(2000))
     (tmp_path / "r.safetensors").write_bytes(os.urandom(2000))
@@ -289,19 +253,6 @@ def test_encode_bad_seed_leaves_no_config(tmp_path):
 
 
 # ---------------------------------------------------------------------------- fid
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from groupdiff_cli.testing import write_random_inception_weights
-
-    return write_random_inception_weights(tmp_path_factory.mktemp("w") / "inception.pth")
-
-
-def images_npz(path, n, seed=0):
-    rng = np.random.default_rng(seed)
-    np.savez(path, arr_0=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-    return path
-
-
 def test_fid_on_tiny_sets_skips_prc_and_says_the_covariance_is_singular(weights, tmp_path):
     a, b = images_npz(tmp_path / "a.npz", 3), images_npz(tmp_path / "b.npz", 3, seed=1)
     res = cli("fid", a, b, "--inception-weights", weights)

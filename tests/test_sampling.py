@@ -13,37 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.integrity import save_safetensors
-from groupdiff_cli.models import SAMPLE_EMBED_KEY, create_model
+from groupdiff_cli.models import SAMPLE_EMBED_KEY
 from groupdiff_cli.objectives import DDPM, Flow
 from groupdiff_cli.sampling import Guidance, grid_image, sample_groups
 from groupdiff_cli.seeds import seeds_of_images
+from tests.helpers import random_model, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def random_model(name, **kw):
-    torch.manual_seed(0)
-    model = create_model(name, **kw)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n != "pos_embed":
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
-def write_run(root: Path, name="DiT-Ti/2", group_mode="l", group_size=4, vae="pixel", **kw) -> Path:
-    """A run directory as `groupdiff train` lays it out, with random weights."""
-    kw = {"input_size": 8, "in_channels": 3, "num_classes": 10, "max_group_size": 8, **kw}
-    model = random_model(name, **kw)
-    ckpt = root / "checkpoints" / "step_0000010"
-    ckpt.mkdir(parents=True)
-    save_safetensors(model.state_dict(), ckpt / "ema.safetensors")
-    save_safetensors({k: v * 0 for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
-    cfg = dict(model=model.config, train=dict(group_size=group_size, group_mode=group_mode),
-               dataset=dict(vae=vae, vae_scale=1.0 if vae == "pixel" else 0.18215))
-    (root / "config.json").write_text(json.dumps(cfg))
-    return root
 
 
 @pytest.fixture(scope="module")

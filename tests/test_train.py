@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -17,34 +16,9 @@ from groupdiff_cli.cli import main
 from groupdiff_cli.data import GroupBatches, GroupRecipe, build_groups, read_dataset
 from groupdiff_cli.objectives import Flow
 from groupdiff_cli.train import TrainOptions, train
+from tests.helpers import checkpoint_weights, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_dataset(d: Path, n=32, classes=4, shard_size=8, clusters=8, seed=0, hw=8) -> Path:
-    """Shards as `groupdiff encode` writes them, with latents and embeddings we control:
-    sample i belongs to embedding cluster i % clusters (cosine 1 inside, 0 across)."""
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True)
-    shards = []
-    centers = np.eye(16)[:clusters]
-    for k in range(0, n, shard_size):
-        name = f"shard-{k // shard_size:06d}.tar"
-        with wds.TarWriter(str(d / name)) as sink:
-            for i in range(k, min(k + shard_size, n)):
-                mean = rng.normal(size=(4, hw, hw)).astype(np.float16)
-                sink.write({"__key__": f"{i:09d}", "cls": i % classes, "path.txt": f"c/{i}.png",
-                            "mean.npy": mean, "std.npy": np.full((4, hw, hw), 0.01, np.float16),
-                            "flip_mean.npy": mean[..., ::-1].copy(), "flip_std.npy": np.full((4, hw, hw), 0.01,
-                                                                                             np.float16),
-                            "emb.npy": centers[i % clusters].astype(np.float16)})
-        (d / name.replace(".tar", ".json")).write_text(json.dumps(dict(count=min(shard_size, n - k))))
-        shards.append(name)
-    info = dict(num_samples=n, num_classes=classes, class_names=[str(c) for c in range(classes)], image_size=hw * 8,
-                vae="stabilityai/sd-vae-ft-ema", vae_scale=0.18215, latent_shape=[4, hw, hw], flip=True,
-                embedder="synthetic", embedder_dim=16, shards=shards)
-    (d / "dataset.json").write_text(json.dumps(info))
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +33,19 @@ def opts(data, results, **kw):
     return TrainOptions(**{**base, **kw})
 
 
-def weights(run_dir: Path, step: int):
-    ck = run_dir / "checkpoints" / f"step_{step:07d}"
-    return (load_file(str(ck / "model.safetensors")), load_file(str(ck / "ema.safetensors")),
-            torch.load(ck / "optimizer.pt", weights_only=True))
-
-
 @pytest.mark.parametrize("model, mode", [("SiT-Ti/2", "l"), ("DiT-Ti/2", "f")])
 def test_resumed_run_equals_an_uninterrupted_one_bitwise(data, tmp_path, model, mode):
     straight = train(opts(data, tmp_path / "a", model=model, group_mode=mode, max_steps=4, group_ratio=0.5))
     train(opts(data, tmp_path / "b", model=model, group_mode=mode, max_steps=2, group_ratio=0.5))
     resumed = train(opts(data, tmp_path / "b", model=model, group_mode=mode, max_steps=4, group_ratio=0.5),
                     resume=True)
-    a, b = weights(Path(straight["run_dir"]), 4), weights(Path(resumed["run_dir"]), 4)
+    a, b = checkpoint_weights(Path(straight["run_dir"]), 4), checkpoint_weights(Path(resumed["run_dir"]), 4)
     for x, y in zip(a[:2], b[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     for sa, sb in zip(a[2]["state"].values(), b[2]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # and training did something: the weights moved away from the step-2 checkpoint
-    mid = weights(Path(straight["run_dir"]), 2)[0]
+    mid = checkpoint_weights(Path(straight["run_dir"]), 2)[0]
     assert any(not torch.equal(mid[k], a[0][k]) for k in mid)
     log = [json.loads(line) for line in (Path(straight["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
@@ -248,7 +216,7 @@ def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_
     again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", "12", "--resume"), capture_output=True,
                            text=True, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    for x, y in zip(weights(tmp_path / "a" / "SiT-Ti-2-l4", 12)[:2], weights(run, 12)[:2]):
+    for x, y in zip(checkpoint_weights(tmp_path / "a" / "SiT-Ti-2-l4", 12)[:2], checkpoint_weights(run, 12)[:2]):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

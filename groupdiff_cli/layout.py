@@ -1,0 +1,60 @@
+"""Every name the commands give to what they write: writers and readers both ask here.
+
+    DATA/                         `encode`
+      dataset.json                written last: what training and sampling read
+      shard-000000.tar, .json     the records of a shard, and its count
+    RUN/                          `train`
+      config.json                 the run's options, model and dataset
+      metrics.jsonl, eval.jsonl   training and held-out losses, one row per logged step
+      checkpoints/step_0001000/   model.safetensors, ema.safetensors, optimizer.pt, state.json
+    OUT/                          `sample`
+      sample_config.json          the job: a rerun resumes, another job is refused
+      samples.npz, labels.npy     ADM-style arr_0 (N, H, W, 3) uint8 and the labels (N,)
+      grids/, images/             PNGs: 16 images a grid; one per image (--save-images)
+      chunks/chunk_00000.npz      the job's pieces, joined into samples.npz at the end
+      pool_features.npz           the samples' Inception pool features, kept there by `fid`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# an encoded dataset
+DATASET_FILE = "dataset.json"
+
+
+def shard_stem(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def shard_record(shard: Path | str) -> Path:
+    """The JSON written beside a shard (its count, what was skipped)."""
+    return Path(shard).with_suffix(".json")
+
+
+# a training run
+CONFIG_FILE, METRICS_LOG, EVAL_LOG = "config.json", "metrics.jsonl", "eval.jsonl"
+CHECKPOINTS_DIR, CHECKPOINT_PREFIX = "checkpoints", "step_"
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+# a sample folder
+SAMPLE_CONFIG, SAMPLES_FILE, LABELS_FILE = "sample_config.json", "samples.npz", "labels.npy"
+POOL_FEATURES = "pool_features.npz"
+GRIDS_DIR, IMAGES_DIR, CHUNKS_DIR = "grids", "images", "chunks"
+
+
+def chunk_file(out, k: int) -> Path:
+    return Path(out) / CHUNKS_DIR / f"chunk_{k:05d}.npz"
+
+
+def image_file(out, index: int) -> Path:
+    return Path(out) / IMAGES_DIR / f"{index:06d}.png"
