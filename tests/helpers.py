@@ -2,6 +2,7 @@
 CLI calls and the checks of a one-line error."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,12 @@ def images_npz(path, n, seed=0):
     rng = np.random.default_rng(seed)
     np.savez(path, arr_0=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     return path
+
+
+def launch_two_train(data, results, *extra):
+    """`accelerate launch` of a 2-process CPU run (what a node of a multi-node job runs)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            "-m", "groupdiff_cli", "train", "--data", str(data), "--model", "SiT-Ti/2", "--results-dir",
+            str(results), "--global-batch-size", "16", "--group-buffer", "8", "--ckpt-every", "2", "--log-every", "1",
+            "--cpu", *extra]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
-from tests.helpers import checkpoint_weights, write_dataset
+from tests.helpers import checkpoint_weights, launch_two_train, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -154,11 +154,10 @@ def test_the_launcher_passes_usr1_on_and_every_process_stops_at_the_same_step(da
     """What the SLURM example does: `accelerate launch` told to hand SIGUSR1 to its
     processes (PET_SIGNALS_TO_HANDLE, torchrun's --signals-to-handle); both checkpoint the same step and stop;
     --resume then ends with the weights of a run never stopped."""
-    from test_train import _launch_two
 
     env = dict(ENV, PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     run = tmp_path / "b" / "SiT-Ti-2-l4"
-    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+    job = subprocess.Popen(launch_two_train(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         wait_for_step(job, run, 2, timeout=300)
@@ -170,7 +169,7 @@ def test_the_launcher_passes_usr1_on_and_every_process_stops_at_the_same_step(da
     assert "SIGUSR1: stopped at step" in err
     (ckpt,) = (run / "checkpoints").glob("step_*")
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    launch = _launch_two
+    launch = launch_two_train
     again = subprocess.run(launch(data, tmp_path / "b", "--max-steps", str(step + 2), "--ckpt-every", "100000",
                                   "--resume"),
                            capture_output=True, text=True, env=ENV, cwd=ROOT)
@@ -187,10 +186,9 @@ def test_the_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(data, tm
     """kill -9 of `accelerate launch` (or a signal it does not pass on): the kernel tells
     each rank that its parent died (SIGTERM); every rank finishes its step, the job writes
     one checkpoint and no process is left running; --resume continues."""
-    from test_train import _launch_two
 
     run = tmp_path / "b" / "SiT-Ti-2-l4"
-    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+    job = subprocess.Popen(launch_two_train(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
     try:
         wait_for_step(job, run, 2, timeout=300)
@@ -207,7 +205,7 @@ def test_the_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(data, tm
     (ckpt,) = (run / "checkpoints").glob("step_*")
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert step >= 2
-    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(step + 1), "--ckpt-every", "100000",
+    again = subprocess.run(launch_two_train(data, tmp_path / "b", "--max-steps", str(step + 1), "--ckpt-every", "100000",
                                        "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
 
@@ -261,10 +259,9 @@ def test_a_read_only_dev_shm_is_one_line_naming_the_way_out(data, tmp_path):
 def test_a_signal_only_one_rank_sees_stops_both_at_one_step(data, tmp_path):
     """The decision to stop and to write the last checkpoint is agreed by every rank (not
     read off each rank's own signal or filesystem), so the job neither hangs nor splits."""
-    from test_train import _launch_two
 
     run = tmp_path / "b" / "SiT-Ti-2-l4"
-    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
+    job = subprocess.Popen(launch_two_train(data, tmp_path / "b", "--max-steps", "100000", "--ckpt-every", "100000"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     try:
         wait_for_step(job, run, 2, timeout=300)
@@ -277,7 +274,7 @@ def test_a_signal_only_one_rank_sees_stops_both_at_one_step(data, tmp_path):
     (ckpt,) = (run / "checkpoints").glob("step_*")
     state = json.loads((ckpt / "state.json").read_text())
     assert state["processes"] == 2 and len(state["param_sums"]) == 2
-    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", str(state["step"] + 1), "--ckpt-every",
+    again = subprocess.run(launch_two_train(data, tmp_path / "b", "--max-steps", str(state["step"] + 1), "--ckpt-every",
                                        "100000", "--resume"), capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
 

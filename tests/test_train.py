@@ -16,7 +16,7 @@ from groupdiff_cli.cli import main
 from groupdiff_cli.data import GroupBatches, GroupRecipe, build_groups, read_dataset
 from groupdiff_cli.objectives import Flow
 from groupdiff_cli.train import TrainOptions, train
-from tests.helpers import checkpoint_weights, write_dataset
+from tests.helpers import checkpoint_weights, launch_two_train, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,15 +177,6 @@ def test_two_process_launch_keeps_weights_equal_and_logs_the_mean_loss(data, tmp
     assert res.stdout.count("trained to step 3") == 1
 
 
-def _launch_two(data, results, *extra):
-    """`accelerate launch` of a 2-process CPU run (what a node of a multi-node job runs)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "groupdiff_cli", "train", "--data", str(data), "--model", "SiT-Ti/2", "--results-dir",
-            str(results), "--global-batch-size", "16", "--group-buffer", "8", "--ckpt-every", "2", "--log-every", "1",
-            "--cpu", *extra]
-
-
 def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_path):
     """Preemption: a process of a running 2-process job is killed (SIGKILL, no cleanup),
     the launcher takes the other down; the job started again with --resume ends with the
@@ -194,11 +185,11 @@ def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_
     import time
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    straight = subprocess.run(_launch_two(data, tmp_path / "a", "--max-steps", "12"), capture_output=True, text=True,
+    straight = subprocess.run(launch_two_train(data, tmp_path / "a", "--max-steps", "12"), capture_output=True, text=True,
                               env=env, cwd=ROOT)
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "b" / "SiT-Ti-2-l4"
-    job = subprocess.Popen(_launch_two(data, tmp_path / "b", "--max-steps", "12"), stdout=subprocess.DEVNULL,
+    job = subprocess.Popen(launch_two_train(data, tmp_path / "b", "--max-steps", "12"), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     try:
         deadline = time.time() + 300
@@ -213,7 +204,7 @@ def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_
     if job.returncode == 0:
         pytest.skip("the run finished before it could be killed")
     assert (run / ".groupdiff.lock").exists()  # died without cleaning up
-    again = subprocess.run(_launch_two(data, tmp_path / "b", "--max-steps", "12", "--resume"), capture_output=True,
+    again = subprocess.run(launch_two_train(data, tmp_path / "b", "--max-steps", "12", "--resume"), capture_output=True,
                            text=True, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     for x, y in zip(checkpoint_weights(tmp_path / "a" / "SiT-Ti-2-l4", 12)[:2], checkpoint_weights(run, 12)[:2]):
