@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from groupdiff_cli.encode import EncodeConfig, center_crop, encode, load_rgb, vae_moments
+from groupdiff_cli.data.encode import EncodeConfig, center_crop, encode, load_rgb, vae_moments
 from timing import median_seconds, print_rates
 
 

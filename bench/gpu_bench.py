@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.models import count_flops, create_model
-from groupdiff_cli import objectives
-from groupdiff_cli.sampling import Guidance, sample_groups
+from groupdiff_cli.science.models import count_flops, create_model
+from groupdiff_cli.science import objectives
+from groupdiff_cli.jobs.sampling import Guidance, sample_groups
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), by a substring of the card's name
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
@@ -203,7 +203,7 @@ def bench_sample(cfg, device) -> list[dict]:
 def bench_vae(cfg, device) -> dict:
     from diffusers import AutoencoderKL
 
-    from groupdiff_cli.encode import vae_moments
+    from groupdiff_cli.data.encode import vae_moments
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**cfg["vae"]).to(device).eval()
@@ -217,7 +217,7 @@ def bench_vae(cfg, device) -> dict:
 
 @torch.no_grad()
 def bench_fid(cfg, device) -> dict:
-    from groupdiff_cli.inception import InceptionFeatures
+    from groupdiff_cli.evaluation.inception import InceptionFeatures
     from groupdiff_cli.testing import write_random_inception_weights
 
     with tempfile.TemporaryDirectory() as d:

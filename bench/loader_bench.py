@@ -36,15 +36,15 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from groupdiff_cli.data import GroupBatches, SampleStream, read_dataset, record_bytes  # noqa: E402
+from groupdiff_cli.data.loader import GroupBatches, SampleStream, read_dataset, record_bytes  # noqa: E402
 
 MODES = {"l": dict(mode="l", ratio=0.1), "f": dict(mode="f", ratio=0.0)}
 
 
 def baseline_module(rev: str):
-    """groupdiff_cli/data.py as it was at ``rev`` (git), imported under another name."""
+    """groupdiff_cli/data/loader.py as it was at ``rev`` (git), imported under another name."""
     root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "show", f"{rev}:groupdiff_cli/data.py"], cwd=root, check=True,
+    src = subprocess.run(["git", "show", f"{rev}:groupdiff_cli/data/loader.py"], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "data_baseline.py"
     path.write_text(src)

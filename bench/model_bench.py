@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from groupdiff_cli.models import count_flops, create_model
+from groupdiff_cli.science.models import count_flops, create_model
 from timing import median_seconds
 
 IMAGES = 16

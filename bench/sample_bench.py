@@ -16,9 +16,9 @@ from functools import partial
 
 import torch
 
-from groupdiff_cli.models import create_model
-from groupdiff_cli.objectives import DDPM
-from groupdiff_cli.sampling import Guidance, sample_groups
+from groupdiff_cli.science.models import create_model
+from groupdiff_cli.science.objectives import DDPM
+from groupdiff_cli.jobs.sampling import Guidance, sample_groups
 from timing import median_seconds
 
 IMAGES = 16

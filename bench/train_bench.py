@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from groupdiff_cli.data import GroupBatches, GroupRecipe, read_dataset
-from groupdiff_cli.train import TrainOptions, train
+from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, read_dataset
+from groupdiff_cli.jobs.train import TrainOptions, train
 
 
 def write_shards(d: Path, n: int, shard: int, dim: int = 768, hw: int = 32, classes: int = 100):

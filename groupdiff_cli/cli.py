@@ -14,14 +14,14 @@ import click
 from click.core import ParameterSource
 
 from groupdiff_cli import __version__, options
-from groupdiff_cli.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP,
+from groupdiff_cli.plumbing.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP,
                                     DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
                                     DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS,
                                     MAX_BOOTSTRAP, MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS,
                                     SAMPLE_IDS, SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS,
                                     WEIGHTS)
-from groupdiff_cli.files import InputError
-from groupdiff_cli.layout import DATASET_FILE
+from groupdiff_cli.plumbing.files import InputError
+from groupdiff_cli.plumbing.layout import DATASET_FILE
 from groupdiff_cli.options import Number, SamplerOption
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
@@ -210,8 +210,8 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
     shards; the first writes OUT/dataset.json when all are done).
     """
     _writes_to("OUT", out)
-    from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.encode import EncodeConfig, encode as run_encode
+    from groupdiff_cli.plumbing.distributed import process_state
+    from groupdiff_cli.data.encode import EncodeConfig, encode as run_encode
 
     state = process_state(cpu)
     cfg = EncodeConfig(src=src, image_size=image_size, vae=vae, vae_scale=vae_scale, flip=not no_flip,
@@ -313,9 +313,9 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
     follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
     """
     _writes_to("--results-dir", options["results_dir"])
-    from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE, process_state
-    from groupdiff_cli.train import TrainOptions
-    from groupdiff_cli.train import train as run_train
+    from groupdiff_cli.plumbing.distributed import PREEMPTED_EXIT_CODE, process_state
+    from groupdiff_cli.jobs.train import TrainOptions
+    from groupdiff_cli.jobs.train import train as run_train
 
     options.update(flip=not no_flip, compile=compile_)
     renamed = {"no_flip": "flip", "compile_": "compile"}
@@ -429,8 +429,8 @@ def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, cla
     the output does not depend on the number of processes or the batch size.
     """
     _writes_to("--out", out_dir)
-    from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.sampling import build_job, run_sampling
+    from groupdiff_cli.plumbing.distributed import process_state
+    from groupdiff_cli.jobs.sampling import build_job, run_sampling
 
     main_process = process_state(cpu).is_main_process
     settings = dict(group_size=group_size, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
@@ -486,9 +486,9 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, guidance_interval, sampl
     its images.
     """
     _writes_to("--out", out_dir)
-    from groupdiff_cli.attention import format_table, run_attention
-    from groupdiff_cli.distributed import process_state
-    from groupdiff_cli.files import write_json_atomic
+    from groupdiff_cli.jobs.attention import format_table, run_attention
+    from groupdiff_cli.plumbing.distributed import process_state
+    from groupdiff_cli.plumbing.files import write_json_atomic
 
     _check_writable_file("--json", json_out)
     sizes = _int_list(group_sizes, "--group-size")
@@ -558,14 +558,14 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 
     Runs on several GPUs under `accelerate launch -m groupdiff_cli fid ...`.
     """
-    from groupdiff_cli.fid import DEFAULT_METRICS, evaluate, format_table
+    from groupdiff_cli.evaluation.fid import DEFAULT_METRICS, evaluate, format_table
 
     for flag, path in (("--json", json_out), ("--save-ref-stats", save_ref_stats)):
         _check_writable_file(flag, path)
     if ref is None:  # `groupdiff fid REF --save-ref-stats OUT`: the reference's statistics only
         if not save_ref_stats:
             raise UsageError("give SAMPLES and REF, or one image set with --save-ref-stats OUT to store its statistics")
-        from groupdiff_cli.fid import compute_reference_stats
+        from groupdiff_cli.evaluation.fid import compute_reference_stats
 
         info = compute_reference_stats(samples, save_ref_stats, inception_weights=inception_weights,
                                        batch_size=batch_size, num_workers=num_workers, cpu=cpu)
@@ -576,12 +576,12 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
                       num_workers=num_workers, bootstrap=bootstrap, bootstrap_block=bootstrap_block,
                       save_ref_stats=save_ref_stats, seed=seed, cpu=cpu, explicit_metrics=metrics is not None,
                       paired_with=paired_with)
-    from groupdiff_cli.distributed import process_state
+    from groupdiff_cli.plumbing.distributed import process_state
 
     if process_state(cpu).is_main_process:
         click.echo(format_table(report))
         if json_out:
-            from groupdiff_cli.files import write_json_atomic
+            from groupdiff_cli.plumbing.files import write_json_atomic
 
             write_json_atomic(report, json_out)
 
@@ -628,8 +628,8 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
     from scratch at a small size (encode -> train -> sample). About 2 minutes on 2 CPU
     cores. A stop signal while training exits with code 75; rerunning continues."""
     _writes_to("--out", out_dir)
-    from groupdiff_cli.demo import DemoStopped, Sampling, run_demo
-    from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
+    from groupdiff_cli.jobs.demo import DemoStopped, Sampling, run_demo
+    from groupdiff_cli.plumbing.distributed import PREEMPTED_EXIT_CODE
 
     sampling = Sampling(cfg_scale, _interval(guidance_interval), sampler, steps, group_size)
     try:
@@ -683,7 +683,7 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale,
     --eval-data also OUT/branch_loss.csv. A rerun of the same command resumes: finished
     samples and their pool features (OUT/N*/pool_features.npz) are reused."""
     _writes_to("--out", out_dir)
-    from groupdiff_cli.study import run_study
+    from groupdiff_cli.jobs.study import run_study
 
     rows = run_study(ckpt, ref, out_dir, _group_sizes(group_sizes), num_samples,
                      cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, vae=vae,
@@ -708,7 +708,7 @@ def models(names, group_size):
     (256px images = 32x32x4 SD-VAE latents). GFLOPs follow the DiT paper's
     convention: one multiply-add is one FLOP.
     """
-    from groupdiff_cli.models import describe_models
+    from groupdiff_cli.science.models import describe_models
 
     rows = describe_models(names or None, group_size)
     header = ("model", "objective", "depth", "hidden", "heads", "patch", "params", f"GFLOPs/img (N={group_size})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from groupdiff_cli.defaults import CFG_SCALE, DEFAULT_STEPS
+from groupdiff_cli.plumbing.defaults import CFG_SCALE, DEFAULT_STEPS
 
 
 class Number(click.FloatRange):
@@ -25,7 +25,7 @@ class SamplerOption(click.Option):
     so that the command line starts without importing torch)."""
 
     def get_help_record(self, ctx):
-        from groupdiff_cli.samplers import DEFAULT_SAMPLER, SAMPLERS
+        from groupdiff_cli.science.samplers import DEFAULT_SAMPLER, SAMPLERS
 
         per_objective = {}
         for smp in SAMPLERS.values():

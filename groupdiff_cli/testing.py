@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from groupdiff_cli.inception import fidelity_skeleton
-from groupdiff_cli.seeds import seed_initialisation
+from groupdiff_cli.evaluation.inception import fidelity_skeleton
+from groupdiff_cli.plumbing.seeds import seed_initialisation
 
 
 def write_random_inception_weights(path, seed: int = 0) -> str:

@@ -17,9 +17,9 @@ import argparse
 import numpy as np
 import torch
 
-from groupdiff_cli import models
+from groupdiff_cli.science import models
 from shapes_dataset import CLASSES, draw_shape  # beside this script
-from groupdiff_cli.checkpoints import load_model
+from groupdiff_cli.science.checkpoints import load_model
 
 TIMES = (0.3, 0.7)
 

@@ -9,7 +9,7 @@ python - "$OUT" "$(cd "$(dirname "$0")" && pwd)" <<'PY'
 import sys
 sys.path.insert(0, sys.argv[2])
 from shapes_dataset import write_dataset
-from groupdiff_cli.encode import EncodeConfig, encode
+from groupdiff_cli.data.encode import EncodeConfig, encode
 out = sys.argv[1]
 for name, per_class, seed in (("train", 400, 0), ("heldout", 32, 1)):  # held-out images: another seed
     src = write_dataset(f"{out}/shapes_{name}", per_class, seed=seed)

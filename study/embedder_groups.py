@@ -20,7 +20,7 @@ import numpy as np
 
 
 def embeddings(data_dir):
-    from groupdiff_cli.data import SampleStream, read_dataset
+    from groupdiff_cli.data.loader import SampleStream, read_dataset
 
     info = read_dataset(data_dir)
     recs = []
@@ -32,7 +32,7 @@ def embeddings(data_dir):
 
 
 def consistency(emb, labels, n, threshold, seed=0):
-    from groupdiff_cli.data import build_groups, pair_similarity
+    from groupdiff_cli.data.loader import build_groups, pair_similarity
 
     groups = build_groups(emb, labels, len(labels) // n // 2, n, "similarity", threshold,
                           np.random.default_rng(seed))  # half the window grouped, as a busy window
@@ -46,7 +46,7 @@ def main():
     from safetensors.torch import save_file
 
     from shapes_dataset import write_dataset  # beside this script
-    from groupdiff_cli.encode import EncodeConfig, encode
+    from groupdiff_cli.data.encode import EncodeConfig, encode
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-class", type=int, default=100)

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 from torch_fidelity.metric_kid import kernel_poly
 
-from groupdiff_cli import fid, images, layout, metrics
+from groupdiff_cli.evaluation import fid, images, metrics
+
+from groupdiff_cli.plumbing import layout
 
 
 def mate_similarity(pool: np.ndarray, labels: np.ndarray, group: int) -> dict:

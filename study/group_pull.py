@@ -25,10 +25,10 @@ import argparse
 
 import torch
 
-from groupdiff_cli.branch_loss import heldout_latents
-from groupdiff_cli.checkpoints import load_model
-from groupdiff_cli.data import read_dataset
-from groupdiff_cli.objectives import create, of_run
+from groupdiff_cli.evaluation.branch_loss import heldout_latents
+from groupdiff_cli.science.checkpoints import load_model
+from groupdiff_cli.data.loader import read_dataset
+from groupdiff_cli.science.objectives import create, of_run
 
 
 def contrast(x: torch.Tensor) -> float:

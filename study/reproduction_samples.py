@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from groupdiff_cli.sampling import grid_image
+from groupdiff_cli.jobs.sampling import grid_image
 from shapes_dataset import CLASSES  # beside this script
 
 

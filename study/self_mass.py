@@ -17,10 +17,10 @@ import torch
 
 
 def main():
-    from groupdiff_cli.branch_loss import heldout_latents
-    from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.data import read_dataset
-    from groupdiff_cli.objectives import Flow
+    from groupdiff_cli.evaluation.branch_loss import heldout_latents
+    from groupdiff_cli.science.checkpoints import load_model
+    from groupdiff_cli.data.loader import read_dataset
+    from groupdiff_cli.science.objectives import Flow
 
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")

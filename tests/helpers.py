@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.integrity import save_safetensors
-from groupdiff_cli.models import create_model
+from groupdiff_cli.plumbing.integrity import save_safetensors
+from groupdiff_cli.science.models import create_model
 
 
 def random_model(name, **kw):

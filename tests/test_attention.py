@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from groupdiff_cli import attention as att
+from groupdiff_cli.jobs import attention as att
 from groupdiff_cli.cli import main
-from groupdiff_cli.objectives import Flow
-from groupdiff_cli.sampling import Guidance, sample_groups
+from groupdiff_cli.science.objectives import Flow
+from groupdiff_cli.jobs.sampling import Guidance, sample_groups
 from tests.helpers import random_model, write_run
 
 

@@ -14,9 +14,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import demo, digits, fid, images, inception, sampling, study
+from groupdiff_cli.data import digits
+
+from groupdiff_cli.evaluation import fid, images, inception
+
+from groupdiff_cli.jobs import demo, sampling, study
 from groupdiff_cli.cli import main
-from groupdiff_cli.sampling import aligned_labels as study_labels
+from groupdiff_cli.jobs.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
 from tests.helpers import write_run
 
@@ -157,8 +161,8 @@ def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp
     """fp16 EMA weights in the package, read like any run directory by `sample`."""
     from safetensors import safe_open
 
-    from groupdiff_cli.checkpoints import load_model
-    from groupdiff_cli.integrity import DIGEST_KEY, load_safetensors
+    from groupdiff_cli.science.checkpoints import load_model
+    from groupdiff_cli.plumbing.integrity import DIGEST_KEY, load_safetensors
 
     files = list(demo.PRETRAINED.glob("checkpoints/step_*/ema.safetensors"))
     assert len(files) == 1 and files[0].stat().st_size < 8 * 2**20
@@ -182,7 +186,7 @@ def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp
 
 
 def test_the_shipped_baseline_is_the_same_recipe_without_groups():
-    from groupdiff_cli.checkpoints import load_model
+    from groupdiff_cli.science.checkpoints import load_model
 
     _, l4 = load_model(demo.PRETRAINED)
     model, base = load_model(demo.PRETRAINED_BASELINE)

@@ -13,7 +13,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import encode as enc
+from groupdiff_cli.data import encode as enc
 from groupdiff_cli.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

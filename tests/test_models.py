@@ -9,9 +9,9 @@ import pytest
 import numpy as np
 import torch
 
-from groupdiff_cli import models
-from groupdiff_cli.models import SAMPLE_EMBED_KEY, GroupDiT, create_model
-from groupdiff_cli.official import load_pretrained
+from groupdiff_cli.science import models
+from groupdiff_cli.science.models import SAMPLE_EMBED_KEY, GroupDiT, create_model
+from groupdiff_cli.science.official import load_pretrained
 
 # parameter names/shapes of the official DiT checkpoints (a copy of shared/reference/)
 REFERENCE = Path(__file__).resolve().parent / "data" / "dit_reference_keys.json"

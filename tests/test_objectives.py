@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from groupdiff_cli import samplers
-from groupdiff_cli.objectives import DDPM, Flow
+from groupdiff_cli.science import samplers
+from groupdiff_cli.science.objectives import DDPM, Flow
 
 BETAS = np.linspace(1e-4, 0.02, 1000)  # DiT's linear schedule, written out independently
 ACP = np.cumprod(1 - BETAS)
@@ -134,7 +134,7 @@ def test_unknown_sampler_names_the_objective():
 
 
 def test_ddpm_loss_bound_trains_only_the_variance():
-    from groupdiff_cli.objectives import normal_kl
+    from groupdiff_cli.science.objectives import normal_kl
 
     d = DDPM()
     torch.manual_seed(0)
@@ -208,7 +208,7 @@ def test_dopri5_solves_a_linear_field_to_its_tolerance_and_is_adaptive():
 
 
 def test_the_registry_lists_samplers_per_objective_with_their_defaults():
-    from groupdiff_cli.objectives import OBJECTIVES
+    from groupdiff_cli.science.objectives import OBJECTIVES
 
     assert {s.objective for s in samplers.SAMPLERS.values()} == set(OBJECTIVES)
     for objective in OBJECTIVES:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from groupdiff_cli.distributed import PREEMPTED_EXIT_CODE
+from groupdiff_cli.plumbing.distributed import PREEMPTED_EXIT_CODE
 from tests.helpers import checkpoint_weights, launch_two_train, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_a_signal_only_one_rank_sees_stops_both_at_one_step(data, tmp_path):
 def test_sigterm_outside_training_is_one_line_and_the_rerun_finishes(tmp_path):
     """`sample` stopped mid-run (or while it imports): one line, exit 75, no traceback; the
     chunks written so far are kept and the same command finishes the job."""
-    from groupdiff_cli.demo import PRETRAINED
+    from groupdiff_cli.jobs.demo import PRETRAINED
 
     out = tmp_path / "s"
     cmd = [sys.executable, "-m", "groupdiff_cli", "sample", "--ckpt", str(PRETRAINED), "--out", str(out),

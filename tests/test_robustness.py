@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli import fid, images, metrics
+from groupdiff_cli.evaluation import fid, images, metrics
 from groupdiff_cli.cli import main
-from groupdiff_cli.files import LOCK_NAME, InputError
-from groupdiff_cli.integrity import file_sha256
+from groupdiff_cli.plumbing.files import LOCK_NAME, InputError
+from groupdiff_cli.plumbing.integrity import file_sha256
 from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset, write_run
 
 
@@ -211,7 +211,7 @@ def test_a_foreign_chunk_of_the_right_shape_is_never_joined(pixel_run, tmp_path)
 
 
 def test_nan_samples_are_never_written(pixel_run, tmp_path, monkeypatch):
-    from groupdiff_cli.models import GroupDiT
+    from groupdiff_cli.science.models import GroupDiT
 
     real = GroupDiT.forward
 
@@ -228,7 +228,7 @@ def test_nan_samples_are_never_written(pixel_run, tmp_path, monkeypatch):
 
 def test_a_full_disk_is_one_line_and_a_rerun_finishes(pixel_run, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    import groupdiff_cli.sampling as sampling
+    import groupdiff_cli.jobs.sampling as sampling
 
     real = sampling.write_npz_streaming
 
@@ -377,15 +377,15 @@ def test_odd_lock_files_are_one_line_or_taken_over(data, tmp_path):
 
 
 def test_small_sizes_in_messages_are_in_mib():
-    from groupdiff_cli.files import size_text
+    from groupdiff_cli.plumbing.files import size_text
 
     assert size_text(5 * 2**20) == "5.0 MiB" and size_text(3 * 2**30) == "3.0 GiB"
 
 
 @pytest.mark.parametrize("command", ["encode", "sample"])
 def test_a_full_disk_without_a_file_name_names_the_output(pixel_run, tmp_path, monkeypatch, command):
-    import groupdiff_cli.encode as encode
-    import groupdiff_cli.sampling as sampling
+    import groupdiff_cli.data.encode as encode
+    import groupdiff_cli.jobs.sampling as sampling
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.models import SAMPLE_EMBED_KEY
-from groupdiff_cli.objectives import DDPM, Flow
-from groupdiff_cli.sampling import Guidance, grid_image, sample_groups
-from groupdiff_cli.seeds import seeds_of_images
+from groupdiff_cli.science.models import SAMPLE_EMBED_KEY
+from groupdiff_cli.science.objectives import DDPM, Flow
+from groupdiff_cli.jobs.sampling import Guidance, grid_image, sample_groups
+from groupdiff_cli.plumbing.seeds import seeds_of_images
 from tests.helpers import random_model, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_interrupted_run_resumes_and_a_different_one_is_refused(dit_run, tmp_pat
     out = tmp_path / "s"
     args = ["--ckpt", dit_run, "--out", out, "--group-size", "2", "--num-samples", "8", "--steps", "3"]
     # 256 // 2 = 128 groups per chunk by default: use the Python API for small chunks
-    from groupdiff_cli.sampling import build_job, run_sampling
+    from groupdiff_cli.jobs.sampling import build_job, run_sampling
 
     job, model = build_job(dit_run, group_size=2, num_samples=8, steps=3, chunk_groups=1)
     run_sampling(job, model, out, batch_size=4)
@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_and_a_different_one_is_refused(dit_run, tmp_pat
         p.unlink()
     (out / "samples.npz").unlink()
     calls = []
-    import groupdiff_cli.sampling as sampling
+    import groupdiff_cli.jobs.sampling as sampling
 
     real = sampling.sample_groups
     try:

@@ -7,13 +7,13 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.defaults import PRESETS, TRAIN_DEFAULTS, TrainOptions
+from groupdiff_cli.plumbing.defaults import PRESETS, TRAIN_DEFAULTS, TrainOptions
 
 PACKAGE = Path(__file__).resolve().parents[1] / "groupdiff_cli"
 
 
 def functions():
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 yield path.name, node
@@ -28,7 +28,7 @@ def test_only_objectives_py_tells_the_objectives_apart():
     """No isinstance on DDPM/Flow, and no objective named as a string in a branch,
     outside objectives.py and the sampler registry."""
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name in ("objectives.py", "samplers.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):

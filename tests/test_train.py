@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.data import GroupBatches, GroupRecipe, build_groups, read_dataset
-from groupdiff_cli.objectives import Flow
-from groupdiff_cli.train import TrainOptions, train
+from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, build_groups, read_dataset
+from groupdiff_cli.science.objectives import Flow
+from groupdiff_cli.jobs.train import TrainOptions, train
 from tests.helpers import checkpoint_weights, launch_two_train, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_a_two_process_run_killed_mid_run_resumes_to_the_same_weights(data, tmp_
 
 
 def test_the_objective_is_chosen_once_recorded_and_sampled_with(data, tmp_path):
-    from groupdiff_cli.sampling import build_job, job_objective
+    from groupdiff_cli.jobs.sampling import build_job, job_objective
 
     res = train(opts(data, tmp_path / "r", model="SiT-Ti/2", objective="ddpm", max_steps=1, ckpt_every=1))
     assert json.loads((Path(res["run_dir"]) / "config.json").read_text())["train"]["objective"] == "ddpm"

@@ -32,8 +32,8 @@ mkdir -p "$DIR"
 "$PYTHON" - "$DIR/tf-fid-inception.pth" "$FP16" <<'PY'
 import sys
 import torch
-from groupdiff_cli import inception
-from groupdiff_cli.files import atomic_path
+from groupdiff_cli.evaluation import inception
+from groupdiff_cli.plumbing.files import atomic_path
 
 found = inception.offline_inception_weights()
 if found is None:

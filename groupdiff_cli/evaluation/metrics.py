@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from groupdiff_cli.files import InputError
-from groupdiff_cli.seeds import Draw, evaluation_rng
+from groupdiff_cli.plumbing.files import InputError
+from groupdiff_cli.plumbing.seeds import Draw, evaluation_rng
 
 PRC_K = 3  # ADM's neighbourhood size
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from groupdiff_cli.objectives import _gather
+from groupdiff_cli.science.objectives import _gather
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]  # step index -> noise like x (per-sample seeded)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from groupdiff_cli.defaults import IMAGE_SUFFIXES
-from groupdiff_cli.files import InputError
-from groupdiff_cli.layout import SAMPLE_CONFIG, SAMPLES_FILE
+from groupdiff_cli.plumbing.defaults import IMAGE_SUFFIXES
+from groupdiff_cli.plumbing.files import InputError
+from groupdiff_cli.plumbing.layout import SAMPLE_CONFIG, SAMPLES_FILE
 
 
 

@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from groupdiff_cli.files import JobLock
+from groupdiff_cli.plumbing.files import JobLock
 
 # `groupdiff train`'s exit code when a stop signal made it checkpoint and stop early:
 # EX_TEMPFAIL, "try again later". A requeue script reruns the command with --resume.

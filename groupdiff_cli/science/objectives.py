@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from groupdiff_cli.models import FAMILIES, MODELS
+from groupdiff_cli.science.models import FAMILIES, MODELS
 
 OBJECTIVES = ("ddpm", "flow")
 

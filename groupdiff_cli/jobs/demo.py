@@ -26,18 +26,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from groupdiff_cli import fid
-from groupdiff_cli.checkpoints import checkpoint_dirs, checkpoint_step, load_model
-from groupdiff_cli.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
+from groupdiff_cli.evaluation import fid
+from groupdiff_cli.science.checkpoints import checkpoint_dirs, checkpoint_step, load_model
+from groupdiff_cli.plumbing.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
                                     DEMO_GUIDANCE_INTERVAL, DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
-from groupdiff_cli.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
-from groupdiff_cli.encode import EncodeConfig, encode
-from groupdiff_cli.files import atomic_path, write_json_atomic
-from groupdiff_cli.layout import DATASET_FILE, SAMPLES_FILE
-from groupdiff_cli.inception import InceptionFeatures
-from groupdiff_cli.integrity import IntegrityError, load_arrays, save_arrays
-from groupdiff_cli.sampling import build_job, run_sampling
-from groupdiff_cli.train import TrainOptions, train
+from groupdiff_cli.data.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
+from groupdiff_cli.data.encode import EncodeConfig, encode
+from groupdiff_cli.plumbing.files import atomic_path, write_json_atomic
+from groupdiff_cli.plumbing.layout import DATASET_FILE, SAMPLES_FILE
+from groupdiff_cli.evaluation.inception import InceptionFeatures
+from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
+from groupdiff_cli.jobs.sampling import build_job, run_sampling
+from groupdiff_cli.jobs.train import TrainOptions, train
 
 DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped GroupDiff-l weights and of --from-scratch
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.defaults import PIXEL
+from groupdiff_cli.plumbing.defaults import PIXEL
 
 
 def load_vae(spec: str, device="cpu", flag: str = "--vae"):

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from groupdiff_cli.files import atomic_path
+from groupdiff_cli.plumbing.files import atomic_path
 
 DIGEST_KEY = "groupdiff_sha256"
 

@@ -31,9 +31,9 @@ import torch
 from accelerate.utils import gather
 from tqdm import tqdm
 
-from groupdiff_cli.distributed import process_state, worker_init
-from groupdiff_cli.files import atomic_path, write_text_atomic
-from groupdiff_cli.integrity import IntegrityError, file_sha256, load_arrays, save_arrays
+from groupdiff_cli.plumbing.distributed import process_state, worker_init
+from groupdiff_cli.plumbing.files import atomic_path, write_text_atomic
+from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_arrays, save_arrays
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
 SPATIAL_CHANNELS = 7

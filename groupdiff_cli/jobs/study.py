@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from groupdiff_cli import attention, fid
-from groupdiff_cli.branch_loss import branch_losses, format_rows, heldout_latents
-from groupdiff_cli.checkpoints import load_model
-from groupdiff_cli.data import read_dataset
-from groupdiff_cli.defaults import CFG_SCALE, STUDY_GROUP_SIZES
-from groupdiff_cli.files import atomic_path
-from groupdiff_cli.layout import LABELS_FILE
-from groupdiff_cli.objectives import create, of_run
-from groupdiff_cli.sampling import build_job, run_sampling
+from groupdiff_cli.evaluation import fid
+from groupdiff_cli.jobs import attention
+from groupdiff_cli.evaluation.branch_loss import branch_losses, format_rows, heldout_latents
+from groupdiff_cli.science.checkpoints import load_model
+from groupdiff_cli.data.loader import read_dataset
+from groupdiff_cli.plumbing.defaults import CFG_SCALE, STUDY_GROUP_SIZES
+from groupdiff_cli.plumbing.files import atomic_path
+from groupdiff_cli.plumbing.layout import LABELS_FILE
+from groupdiff_cli.science.objectives import create, of_run
+from groupdiff_cli.jobs.sampling import build_job, run_sampling
 
 
 def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:

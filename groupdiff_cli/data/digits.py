@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from groupdiff_cli.files import atomic_path, read_json_file, write_json_atomic
-from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
-from groupdiff_cli.seeds import Draw, evaluation_generator, evaluation_rng, seed_initialisation
+from groupdiff_cli.plumbing.files import atomic_path, read_json_file, write_json_atomic
+from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
+from groupdiff_cli.plumbing.seeds import Draw, evaluation_generator, evaluation_rng, seed_initialisation
 
-HERE = Path(__file__).resolve().parent / "pretrained"
+HERE = Path(__file__).resolve().parents[1] / "pretrained"
 MANIFEST = "MANIFEST.json"  # in HERE: the sha256 of every file shipped there (``write_manifest``)
 DIGITS_NPZ = "digits/digits.npz"
 CLASSIFIER = "digits-classifier"

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from groupdiff_cli.defaults import MAX_GROUP_SIZE
-from groupdiff_cli.integrity import load_safetensors
-from groupdiff_cli.models import SAMPLE_EMBED_KEY, SIZES, GroupDiT, create_model
+from groupdiff_cli.plumbing.defaults import MAX_GROUP_SIZE
+from groupdiff_cli.plumbing.integrity import load_safetensors
+from groupdiff_cli.science.models import SAMPLE_EMBED_KEY, SIZES, GroupDiT, create_model
 
 EMA_ENTRIES = ("ema", "model_ema")  # DiT/REPA, the GroupDiff release
 MODEL_ENTRIES = ("model", "state_dict")

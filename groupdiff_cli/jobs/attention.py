@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from groupdiff_cli.defaults import CFG_SCALE
-from groupdiff_cli.distributed import process_state
-from groupdiff_cli.files import write_json_atomic
-from groupdiff_cli.samplers import evaluations
-from groupdiff_cli.sampling import Guidance, build_job, grid_image, job_objective, sample_groups
-from groupdiff_cli.vae import decode, load_vae
+from groupdiff_cli.plumbing.defaults import CFG_SCALE
+from groupdiff_cli.plumbing.distributed import process_state
+from groupdiff_cli.plumbing.files import write_json_atomic
+from groupdiff_cli.science.samplers import evaluations
+from groupdiff_cli.jobs.sampling import Guidance, build_job, grid_image, job_objective, sample_groups
+from groupdiff_cli.data.vae import decode, load_vae
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from groupdiff_cli.data import SampleStream, build_groups, pixels_to_tensor, read_window
-from groupdiff_cli.seeds import Draw, evaluation_generator, evaluation_rng
+from groupdiff_cli.data.loader import SampleStream, build_groups, pixels_to_tensor, read_window
+from groupdiff_cli.plumbing.seeds import Draw, evaluation_generator, evaluation_rng
 
 DEFAULT_TIMES = (0.2, 0.5, 0.8)  # our convention: t = 1 is noise
 BRANCHES = ("cond", "null")

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
-from groupdiff_cli.files import read_json_file, write_json_atomic
-from groupdiff_cli.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
-from groupdiff_cli.models import GroupDiT, model_from_config
-from groupdiff_cli.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
+from groupdiff_cli.plumbing.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
+from groupdiff_cli.plumbing.files import read_json_file, write_json_atomic
+from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
+from groupdiff_cli.science.models import GroupDiT, model_from_config
+from groupdiff_cli.plumbing.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
                                   checkpoint_dir, checkpoints_dir)
-from groupdiff_cli.official import load_pretrained
+from groupdiff_cli.science.official import load_pretrained
 
 WEIGHT_FILES = dict(zip(WEIGHTS, (EMA_FILE, MODEL_FILE)))  # defaults.WEIGHTS: ("ema", "model")
 

@@ -30,7 +30,7 @@ from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from groupdiff_cli.defaults import MAX_GROUP_SIZE
+from groupdiff_cli.plumbing.defaults import MAX_GROUP_SIZE
 
 # name of the one tensor that official DiT/SiT checkpoints lack
 SAMPLE_EMBED_KEY = "s_embedder.weight"

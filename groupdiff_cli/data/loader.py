@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from groupdiff_cli.distributed import worker_init
-from groupdiff_cli.files import InputError, read_json_file, size_text
-from groupdiff_cli.layout import DATASET_FILE, shard_record
-from groupdiff_cli.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
+from groupdiff_cli.plumbing.distributed import worker_init
+from groupdiff_cli.plumbing.files import InputError, read_json_file, size_text
+from groupdiff_cli.plumbing.layout import DATASET_FILE, shard_record
+from groupdiff_cli.plumbing.seeds import Stream, derived_seed, shard_order_rng, similarity_rng, window_rng
 
 DATASET_KEYS = ("shards", "num_classes", "latent_shape", "vae", "vae_scale")
 
