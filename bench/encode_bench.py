@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timing import median_seconds, print_rates
 
 from groupdiff_cli.data.encode import EncodeConfig, center_crop, encode, load_rgb, vae_moments
-from timing import median_seconds, print_rates
 
 
 def main():

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_seconds, print_rates
 
 from groupdiff_cli.evaluation.images import NpzImages
 from groupdiff_cli.evaluation.inception import InceptionFeatures, extract_features
 from groupdiff_cli.evaluation.metrics import FrechetDistance, gaussian_stats
 from groupdiff_cli.testing import write_random_inception_weights
-from timing import median_seconds, print_rates
 
 
 def main():

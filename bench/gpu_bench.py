@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.science.models import count_flops, create_model
-from groupdiff_cli.science import objectives
 from groupdiff_cli.jobs.sampling import Guidance, sample_groups
+from groupdiff_cli.science import objectives
+from groupdiff_cli.science.models import count_flops, create_model
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), by a substring of the card's name
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,

@@ -24,9 +24,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timing import median_seconds
 
 from groupdiff_cli.science.models import count_flops, create_model
-from timing import median_seconds
 
 IMAGES = 16
 GROUP_SIZES = (1, 4, 16)

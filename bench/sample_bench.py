@@ -15,11 +15,11 @@ import argparse
 from functools import partial
 
 import torch
+from timing import median_seconds
 
+from groupdiff_cli.jobs.sampling import Guidance, sample_groups
 from groupdiff_cli.science.models import create_model
 from groupdiff_cli.science.objectives import DDPM
-from groupdiff_cli.jobs.sampling import Guidance, sample_groups
-from timing import median_seconds
 
 IMAGES = 16
 GROUP_SIZES = (1, 4, 16)

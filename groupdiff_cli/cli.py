@@ -14,15 +14,14 @@ import click
 from click.core import ParameterSource
 
 from groupdiff_cli import __version__, options
-from groupdiff_cli.plumbing.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP,
-                                    DEMO_CFG_SCALE, DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
-                                    DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS,
-                                    MAX_BOOTSTRAP, MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS,
-                                    SAMPLE_IDS, SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS,
-                                    WEIGHTS)
+from groupdiff_cli.options import Number, SamplerOption
+from groupdiff_cli.plumbing.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP, DEMO_CFG_SCALE,
+                                             DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
+                                             DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS, MAX_BOOTSTRAP,
+                                             MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS, SAMPLE_IDS,
+                                             SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.plumbing.files import InputError
 from groupdiff_cli.plumbing.layout import DATASET_FILE
-from groupdiff_cli.options import Number, SamplerOption
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
 STOPPED_EXIT_CODE = 75  # as `train` after a stop signal (distributed.PREEMPTED_EXIT_CODE): rerun to continue
@@ -210,8 +209,8 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
     shards; the first writes OUT/dataset.json when all are done).
     """
     _writes_to("OUT", out)
-    from groupdiff_cli.plumbing.distributed import process_state
     from groupdiff_cli.data.encode import EncodeConfig, encode as run_encode
+    from groupdiff_cli.plumbing.distributed import process_state
 
     state = process_state(cpu)
     cfg = EncodeConfig(src=src, image_size=image_size, vae=vae, vae_scale=vae_scale, flip=not no_flip,
@@ -313,9 +312,8 @@ def train(ctx, preset, resume, no_flip, compile_, **options):
     follows the model family (DiT: DDPM with learned variance; SiT: flow matching).
     """
     _writes_to("--results-dir", options["results_dir"])
+    from groupdiff_cli.jobs.train import TrainOptions, train as run_train
     from groupdiff_cli.plumbing.distributed import PREEMPTED_EXIT_CODE, process_state
-    from groupdiff_cli.jobs.train import TrainOptions
-    from groupdiff_cli.jobs.train import train as run_train
 
     options.update(flip=not no_flip, compile=compile_)
     renamed = {"no_flip": "flip", "compile_": "compile"}
@@ -429,8 +427,8 @@ def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, cla
     the output does not depend on the number of processes or the batch size.
     """
     _writes_to("--out", out_dir)
-    from groupdiff_cli.plumbing.distributed import process_state
     from groupdiff_cli.jobs.sampling import build_job, run_sampling
+    from groupdiff_cli.plumbing.distributed import process_state
 
     main_process = process_state(cpu).is_main_process
     settings = dict(group_size=group_size, cfg_scale=cfg_scale, cfg_channels=cfg_channels,

@@ -16,9 +16,9 @@ import argparse
 
 import numpy as np
 import torch
+from shapes_dataset import CLASSES, draw_shape  # beside this script
 
 from groupdiff_cli.science import models
-from shapes_dataset import CLASSES, draw_shape  # beside this script
 from groupdiff_cli.science.checkpoints import load_model
 
 TIMES = (0.3, 0.7)

@@ -44,8 +44,8 @@ def main():
     import timm
     import torch
     from safetensors.torch import save_file
-
     from shapes_dataset import write_dataset  # beside this script
+
     from groupdiff_cli.data.encode import EncodeConfig, encode
 
     ap = argparse.ArgumentParser()

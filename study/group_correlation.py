@@ -35,7 +35,6 @@ import numpy as np
 from torch_fidelity.metric_kid import kernel_poly
 
 from groupdiff_cli.evaluation import fid, images, metrics
-
 from groupdiff_cli.plumbing import layout
 
 

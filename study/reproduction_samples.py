@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from shapes_dataset import CLASSES  # beside this script
 
 from groupdiff_cli.jobs.sampling import grid_image
-from shapes_dataset import CLASSES  # beside this script
 
 
 def side_by_side(joint: np.ndarray, single: np.ndarray, n: int, zoom: int) -> np.ndarray:

@@ -17,9 +17,9 @@ import torch
 
 
 def main():
+    from groupdiff_cli.data.loader import read_dataset
     from groupdiff_cli.evaluation.branch_loss import heldout_latents
     from groupdiff_cli.science.checkpoints import load_model
-    from groupdiff_cli.data.loader import read_dataset
     from groupdiff_cli.science.objectives import Flow
 
     ap = argparse.ArgumentParser()

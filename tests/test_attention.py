@@ -6,12 +6,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from groupdiff_cli.jobs import attention as att
 from groupdiff_cli.cli import main
-from groupdiff_cli.science.objectives import Flow
+from groupdiff_cli.jobs import attention as att
 from groupdiff_cli.jobs.sampling import Guidance, sample_groups
+from groupdiff_cli.science.objectives import Flow
 from tests.helpers import random_model, write_run
-
 
 
 def dense_cross_sample_mass(q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,12 +14,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli.data import digits
-
-from groupdiff_cli.evaluation import fid, images, inception
-
-from groupdiff_cli.jobs import demo, sampling, study
 from groupdiff_cli.cli import main
+from groupdiff_cli.data import digits
+from groupdiff_cli.evaluation import fid, images, inception
+from groupdiff_cli.jobs import demo, sampling, study
 from groupdiff_cli.jobs.sampling import aligned_labels as study_labels
 from groupdiff_cli.testing import write_random_inception_weights
 from tests.helpers import write_run
@@ -161,8 +159,8 @@ def test_the_shipped_weights_load_through_the_ckpt_path_and_carry_a_checksum(tmp
     """fp16 EMA weights in the package, read like any run directory by `sample`."""
     from safetensors import safe_open
 
-    from groupdiff_cli.science.checkpoints import load_model
     from groupdiff_cli.plumbing.integrity import DIGEST_KEY, load_safetensors
+    from groupdiff_cli.science.checkpoints import load_model
 
     files = list(demo.PRETRAINED.glob("checkpoints/step_*/ema.safetensors"))
     assert len(files) == 1 and files[0].stat().st_size < 8 * 2**20
@@ -217,7 +215,8 @@ def test_study_writes_csv_and_plot(tmp_path, monkeypatch):
     weights = write_random_inception_weights(tmp_path / "inception.pth")
     built = []  # the checkpoint is read and the Inception network built once for the whole study
     for module in (study, sampling):
-        monkeypatch.setattr(module, "load_model", lambda *a, _f=module.load_model, **k: built.append("ckpt") or _f(*a, **k))
+        monkeypatch.setattr(module, "load_model",
+                            lambda *a, _f=module.load_model, **k: built.append("ckpt") or _f(*a, **k))
     monkeypatch.setattr(fid, "InceptionFeatures", lambda *a, _f=fid.InceptionFeatures, **k: built.append("inception")
                         or _f(*a, **k))
     res = CliRunner().invoke(main, ["study", "--ckpt", str(run), "--ref", str(ref), "--out", str(tmp_path / "s"),

@@ -13,8 +13,8 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli.data import encode as enc
 from groupdiff_cli.cli import main
+from groupdiff_cli.data import encode as enc
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16

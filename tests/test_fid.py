@@ -16,10 +16,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli.evaluation import fid, images, inception, metrics
-
-from groupdiff_cli.plumbing import layout
 from groupdiff_cli.cli import main
+from groupdiff_cli.evaluation import fid, images, inception, metrics
+from groupdiff_cli.plumbing import layout
 from groupdiff_cli.plumbing.files import InputError
 from groupdiff_cli.plumbing.integrity import file_sha256
 from groupdiff_cli.testing import write_random_inception_weights

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from groupdiff_cli.evaluation import fid
-
 from groupdiff_cli.plumbing import integrity
 from groupdiff_cli.plumbing.integrity import DIGEST_KEY, IntegrityError
 from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset

@@ -5,8 +5,8 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from groupdiff_cli.science import models

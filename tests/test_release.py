@@ -11,14 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from groupdiff_cli.cli import main
+from groupdiff_cli.jobs.sampling import Guidance, make_denoiser, sample_groups
+from groupdiff_cli.plumbing.defaults import SAMPLE_PRESETS
 from groupdiff_cli.science import samplers
 from groupdiff_cli.science.checkpoints import load_model
-from groupdiff_cli.cli import main
-from groupdiff_cli.plumbing.defaults import SAMPLE_PRESETS
 from groupdiff_cli.science.models import SAMPLE_EMBED_KEY
 from groupdiff_cli.science.objectives import Flow
 from groupdiff_cli.science.official import flip_flow_convention, load_pretrained, time_flip_matrix
-from groupdiff_cli.jobs.sampling import Guidance, make_denoiser, sample_groups
 from tests.helpers import random_model, write_dataset
 
 KW = dict(input_size=8, in_channels=4, num_classes=10, max_group_size=4)

@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from groupdiff_cli.evaluation import fid, images, metrics
 from groupdiff_cli.cli import main
+from groupdiff_cli.evaluation import fid, images, metrics
 from groupdiff_cli.plumbing.files import LOCK_NAME, InputError
 from groupdiff_cli.plumbing.integrity import file_sha256
 from tests.helpers import cli, images_npz, one_line, sample_args, snapshot, train_args, write_dataset, write_run

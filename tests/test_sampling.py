@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from groupdiff_cli.cli import main
-from groupdiff_cli.science.models import SAMPLE_EMBED_KEY
-from groupdiff_cli.science.objectives import DDPM, Flow
 from groupdiff_cli.jobs.sampling import Guidance, grid_image, sample_groups
 from groupdiff_cli.plumbing.seeds import seeds_of_images
+from groupdiff_cli.science.models import SAMPLE_EMBED_KEY
+from groupdiff_cli.science.objectives import DDPM, Flow
 from tests.helpers import random_model, write_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from groupdiff_cli.cli import main
 from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, build_groups, read_dataset
-from groupdiff_cli.science.objectives import Flow
 from groupdiff_cli.jobs.train import TrainOptions, train
+from groupdiff_cli.science.objectives import Flow
 from tests.helpers import checkpoint_weights, launch_two_train, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -67,7 +67,8 @@ def snapshot(work: Path, inception: str) -> dict:
             with np.load(folder / "samples.npz") as f:
                 out[f"samples/{key}/{sampler}"] = f["arr_0"]
     cli("fid", work / "samples" / "sit-heun", work / "src", "--metrics", "fid,sfid,isc,prc,kid", "--inception-weights",
-        inception, "--bootstrap", 20, "--paired-with", work / "samples" / "sit-ode", "--json", work / "fid.json", "--cpu")
+        inception, "--bootstrap", 20, "--paired-with", work / "samples" / "sit-ode", "--json", work / "fid.json",
+        "--cpu")
     report = json.loads((work / "fid.json").read_text())
     for name, value in flat(report["metrics"]).items():
         out[f"fid/{name}"] = np.asarray(value, dtype=np.float64)

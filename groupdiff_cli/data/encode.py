@@ -38,13 +38,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from groupdiff_cli import __version__
+from groupdiff_cli.data.vae import load_vae
+from groupdiff_cli.evaluation.inception import InceptionFeatures
 from groupdiff_cli.plumbing.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
 from groupdiff_cli.plumbing.distributed import process_state, take_job_lock, worker_init
 from groupdiff_cli.plumbing.files import atomic_path, check_output_dir, write_text_atomic
 from groupdiff_cli.plumbing.layout import DATASET_FILE, shard_record, shard_stem
-from groupdiff_cli.evaluation.inception import InceptionFeatures
 from groupdiff_cli.plumbing.seeds import encode_order_rng
-from groupdiff_cli.data.vae import load_vae
 
 CROP = "adm_center_crop"
 

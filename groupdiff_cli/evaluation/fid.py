@@ -12,15 +12,16 @@ import numpy as np
 import torch
 
 from groupdiff_cli import __version__
-from groupdiff_cli.plumbing.defaults import MAX_BOOTSTRAP
-from groupdiff_cli.plumbing.distributed import process_state
 from groupdiff_cli.evaluation.images import NpzImages, npz_keys, npz_member, open_images, recorded_group_size
 from groupdiff_cli.evaluation.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, extract_features,
-                                     load_pool_features, save_pool_features)
+                                                load_pool_features, save_pool_features)
+from groupdiff_cli.evaluation.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
+                                              kernel_inception_distance, paired_fid_difference, precision_recall,
+                                              resampled_fids)
+from groupdiff_cli.plumbing.defaults import MAX_BOOTSTRAP
+from groupdiff_cli.plumbing.distributed import process_state
 from groupdiff_cli.plumbing.integrity import DIGEST_KEY, IntegrityError, file_sha256, load_arrays, save_arrays
 from groupdiff_cli.plumbing.layout import LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG
-from groupdiff_cli.evaluation.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
-                                   kernel_inception_distance, paired_fid_difference, precision_recall, resampled_fids)
 from groupdiff_cli.plumbing.seeds import Draw, evaluation_rng
 
 METRICS = ("fid", "sfid", "isc", "prc", "kid")

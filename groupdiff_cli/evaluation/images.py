@@ -18,7 +18,6 @@ from groupdiff_cli.plumbing.files import InputError
 from groupdiff_cli.plumbing.layout import SAMPLE_CONFIG, SAMPLES_FILE
 
 
-
 def recorded_group_size(folder) -> int | None:
     """The group size a `groupdiff sample` folder was sampled with; None for anything else."""
     config = Path(folder) / SAMPLE_CONFIG

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from groupdiff_cli.data.vae import decode, load_vae
+from groupdiff_cli.jobs.sampling import Guidance, build_job, grid_image, job_objective, sample_groups
 from groupdiff_cli.plumbing.defaults import CFG_SCALE
 from groupdiff_cli.plumbing.distributed import process_state
-from groupdiff_cli.plumbing.files import write_json_atomic
+from groupdiff_cli.plumbing.files import atomic_path, write_json_atomic
 from groupdiff_cli.science.samplers import evaluations
-from groupdiff_cli.jobs.sampling import Guidance, build_job, grid_image, job_objective, sample_groups
-from groupdiff_cli.data.vae import decode, load_vae
 
 
 @torch.no_grad()
@@ -167,7 +167,8 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append(str(out / name))
     for n, (matrix, images) in examples.items():
@@ -182,15 +183,16 @@ def plot(report: dict, examples: dict, out: Path) -> list[str]:
         a2.axis("off")
         fig.tight_layout()
         path = out / f"example_group_N{n}.png"
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
         files.append(str(path))
     return files
 
 
 def run_attention(ckpt, group_sizes: list[int], num_groups: int, out_dir=None, *, cfg_scale=CFG_SCALE,
-                  guidance_interval=(0.0, 1.0), sampler=None, steps=None, at_steps=None, seed=0, batch_size=64, vae=None, weights="ema", model_name=None,
-                  cpu=False, loaded=None) -> dict:
+                  guidance_interval=(0.0, 1.0), sampler=None, steps=None, at_steps=None, seed=0, batch_size=64,
+                  vae=None, weights="ema", model_name=None, cpu=False, loaded=None) -> dict:
     """The `groupdiff attention` job: measure, summarise, draw; returns the report. ``loaded``:
     the checkpoint as ``load_model`` returned it, when the caller has it already."""
     state = process_state(cpu)

@@ -26,18 +26,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from groupdiff_cli.evaluation import fid
-from groupdiff_cli.science.checkpoints import checkpoint_dirs, checkpoint_step, load_model
-from groupdiff_cli.plumbing.defaults import (DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH, DEMO_CHAIN_STEPS,
-                                    DEMO_GUIDANCE_INTERVAL, DEMO_SAMPLE_STEPS, DEMO_SAMPLER, PRESETS)
 from groupdiff_cli.data.digits import HERE, classify, load_classifier, load_digits, shipped, write_digits
 from groupdiff_cli.data.encode import EncodeConfig, encode
-from groupdiff_cli.plumbing.files import atomic_path, write_json_atomic
-from groupdiff_cli.plumbing.layout import DATASET_FILE, SAMPLES_FILE
+from groupdiff_cli.evaluation import fid
 from groupdiff_cli.evaluation.inception import InceptionFeatures
-from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.jobs.sampling import build_job, run_sampling
 from groupdiff_cli.jobs.train import TrainOptions, train
+from groupdiff_cli.plumbing.defaults import (DEMO_BATCH, DEMO_BOOTSTRAP, DEMO_CFG_SCALE, DEMO_CHAIN_BATCH,
+                                             DEMO_CHAIN_STEPS, DEMO_GUIDANCE_INTERVAL, DEMO_SAMPLE_STEPS, DEMO_SAMPLER,
+                                             PRESETS)
+from groupdiff_cli.plumbing.files import atomic_path, write_json_atomic
+from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
+from groupdiff_cli.plumbing.layout import DATASET_FILE, SAMPLES_FILE
+from groupdiff_cli.science.checkpoints import checkpoint_dirs, checkpoint_step, load_model
 
 DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped GroupDiff-l weights and of --from-scratch
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
@@ -111,7 +112,7 @@ def check_shipped_runs() -> None:
 def _encode(digits: Path, data: Path) -> None:
     if not (data / DATASET_FILE).exists():
         encode(digits, data, EncodeConfig(src=str(digits), image_size=8, vae="pixel", embedder="none", flip=False,
-                                          shard_size=1000), batch_size=256, num_workers=0, cpu=True,
+                                          shard_size=1000), batch_size=DEMO_BATCH, num_workers=0, cpu=True,
                log=lambda m: None)
 
 
@@ -135,7 +136,7 @@ def _sample(loaded, run: Path, out: Path, labels: list[int], s: Sampling, group_
     job, model = build_job(run, group_size=group_size, class_labels=labels, cfg_scale=s.cfg_scale,
                            guidance_interval=s.guidance_interval, sampler=s.sampler, steps=s.steps, seed=0,
                            loaded=loaded, warn=lambda m: None)
-    run_sampling(job, model, out, batch_size=256, cpu=True)
+    run_sampling(job, model, out, batch_size=DEMO_BATCH, cpu=True)
     with np.load(out / SAMPLES_FILE) as f:
         return f["arr_0"]
 

@@ -34,18 +34,18 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from groupdiff_cli.science import samplers
-from groupdiff_cli.science.checkpoints import load_model, step_of
+from groupdiff_cli.data.vae import decode, load_vae
 from groupdiff_cli.plumbing.defaults import (CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, PRECISIONS, SAMPLE_IDS,
-                                    SD_VAE_SCALE)
+                                             SD_VAE_SCALE)
 from groupdiff_cli.plumbing.distributed import process_state, take_job_lock
 from groupdiff_cli.plumbing.files import atomic_path, check_output_dir, write_json_atomic
-from groupdiff_cli.plumbing.layout import (CHUNKS_DIR, GRIDS_DIR, IMAGES_DIR, LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE, chunk_file,
-                                  image_file)
 from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
-from groupdiff_cli.science.objectives import create, of_run
+from groupdiff_cli.plumbing.layout import (CHUNKS_DIR, GRIDS_DIR, IMAGES_DIR, LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE,
+                                           chunk_file, image_file)
 from groupdiff_cli.plumbing.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
-from groupdiff_cli.data.vae import decode, load_vae
+from groupdiff_cli.science import samplers
+from groupdiff_cli.science.checkpoints import load_model, step_of
+from groupdiff_cli.science.objectives import create, of_run
 
 
 class NonFiniteSamples(FloatingPointError):

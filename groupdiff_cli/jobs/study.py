@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from groupdiff_cli.evaluation import fid
-from groupdiff_cli.jobs import attention
-from groupdiff_cli.evaluation.branch_loss import branch_losses, format_rows, heldout_latents
-from groupdiff_cli.science.checkpoints import load_model
 from groupdiff_cli.data.loader import read_dataset
+from groupdiff_cli.evaluation import fid
+from groupdiff_cli.evaluation.branch_loss import branch_losses, format_rows, heldout_latents
+from groupdiff_cli.jobs import attention
+from groupdiff_cli.jobs.sampling import build_job, run_sampling
 from groupdiff_cli.plumbing.defaults import CFG_SCALE, STUDY_GROUP_SIZES
 from groupdiff_cli.plumbing.files import atomic_path
 from groupdiff_cli.plumbing.layout import LABELS_FILE
+from groupdiff_cli.science.checkpoints import load_model
 from groupdiff_cli.science.objectives import create, of_run
-from groupdiff_cli.jobs.sampling import build_job, run_sampling
 
 
 def label_block(group_sizes, num_samples: int, align_labels: int | None = None) -> int:
@@ -188,7 +188,7 @@ def write_branch_losses(loaded, eval_data, group_sizes, out: Path, seed: int = 0
     x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
                                  info.get("train", {}).get("similarity_threshold", 0.7), seed)
     rows = branch_losses(model, objective, x0, labels, sorted(group_sizes), seed=seed)
-    with open(out / "branch_loss.csv", "w", newline="") as f:
+    with atomic_path(out / "branch_loss.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["t", "branch", "group_size", "loss"])
         w.writeheader()
         w.writerows(rows)
@@ -222,5 +222,6 @@ def plot_study(rows: list[dict], path: Path) -> None:
     ax2.set_ylabel("S_cross (%)", color="C1")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

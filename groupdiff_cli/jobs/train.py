@@ -22,19 +22,18 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from groupdiff_cli import __version__
-from groupdiff_cli.evaluation.branch_loss import branch_losses, heldout_latents
-from groupdiff_cli.science.checkpoints import (checkpoint_dirs, is_ours, load_model,
-                                       load_training_state, prune_checkpoints, save_checkpoint)
 from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, read_dataset
+from groupdiff_cli.evaluation.branch_loss import branch_losses, heldout_latents
 from groupdiff_cli.plumbing.defaults import GROUP_MODES, GROUPINGS, NO_DECAY_RULES, STUDY_GROUP_SIZES, TrainOptions
 from groupdiff_cli.plumbing.distributed import StopSignals, process_state, take_job_lock
 from groupdiff_cli.plumbing.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
 from groupdiff_cli.plumbing.layout import CONFIG_FILE, EVAL_LOG, METRICS_LOG, checkpoints_dir
-from groupdiff_cli.science.models import MODELS, SAMPLE_EMBED_KEY, create_model
-from groupdiff_cli.science.official import describe, load_pretrained
-from groupdiff_cli.science.objectives import create as create_objective
-from groupdiff_cli.science.objectives import for_model
 from groupdiff_cli.plumbing.seeds import Stream, derived_seed, seed_initialisation
+from groupdiff_cli.science.checkpoints import (checkpoint_dirs, is_ours, load_model, load_training_state,
+                                               prune_checkpoints, save_checkpoint)
+from groupdiff_cli.science.models import MODELS, SAMPLE_EMBED_KEY, create_model
+from groupdiff_cli.science.objectives import create as create_objective, for_model
+from groupdiff_cli.science.official import describe, load_pretrained
 
 __all__ = ["TrainOptions", "train"]
 

@@ -46,6 +46,7 @@ DEMO_GUIDANCE_INTERVAL = (0.25, 0.75)  # the authors' interval (t = 1 noise)
 DEMO_GROUP_SIZE = 4  # the unconditional branch's group size: the shipped model's training size
 DEMO_BOOTSTRAP = 200  # resamples of whole groups for the paired interval of the FID difference
 DEMO_CHAIN_STEPS, DEMO_CHAIN_BATCH = 100, 16  # the small from-scratch chain
+DEMO_BATCH = 256  # images per forward pass when the demo encodes and samples (8x8 images: memory is no limit)
 
 # ---- data ------------------------------------------------------------------
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"

@@ -36,9 +36,9 @@ import torch
 from groupdiff_cli.plumbing.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
 from groupdiff_cli.plumbing.files import read_json_file, write_json_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
+from groupdiff_cli.plumbing.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE,
+                                           STATE_FILE, checkpoint_dir, checkpoints_dir)
 from groupdiff_cli.science.models import GroupDiT, model_from_config
-from groupdiff_cli.plumbing.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE,
-                                  checkpoint_dir, checkpoints_dir)
 from groupdiff_cli.science.official import load_pretrained
 
 WEIGHT_FILES = dict(zip(WEIGHTS, (EMA_FILE, MODEL_FILE)))  # defaults.WEIGHTS: ("ema", "model")
