@@ -331,6 +331,30 @@ def test_paired_with_reports_the_difference_of_the_two_fids_with_a_paired_interv
     assert report["paired_with"]["count"] == 8 and "FID - FID(--paired-with)" in res.output
 
 
+def test_one_evaluator_extracts_each_set_once_and_pairs_as_fid_does(data, tmp_path, monkeypatch):
+    d, rng = data["dir"], np.random.default_rng(4)
+    labels = np.repeat(np.arange(4), 2)
+    a = _sample_dir(tmp_path / "a", data["samples"], labels)
+    nudged = np.clip(data["samples"].astype(int) + rng.integers(-20, 21, data["samples"].shape), 0, 255)
+    b = _sample_dir(tmp_path / "b", nudged.astype(np.uint8), labels)
+    report = fid.evaluate(a, d / "ref.npz", ("fid",), inception_weights=data["weights"], bootstrap=4,
+                          bootstrap_block=2, paired_with=b, cpu=True)
+    calls, built = [], []
+    real, real_net = fid.extract_features, fid.InceptionFeatures
+    monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
+    monkeypatch.setattr(fid, "InceptionFeatures", lambda *a, **k: built.append(1) or real_net(*a, **k))
+    evaluator = fid.Evaluator(d / "ref.npz", data["weights"], cpu=True)
+    assert not built  # nothing is built before it is needed
+    first = evaluator.paired_difference(a, b, 4, 2)
+    again = evaluator.paired_difference(a, b, 4, 2)
+    assert evaluator.fid(b) == pytest.approx(first["other_fid"])
+    assert built == [1] and calls == ["reference", "samples", "samples"]  # the network and each set once
+    paired = report["metrics"]["fid_paired"]
+    for key in ("difference", "other_fid", "ci95", "std"):
+        assert first[key] == pytest.approx(paired[key], rel=1e-9) and again[key] == first[key]
+    assert first["fid"] == pytest.approx(report["metrics"]["fid"], rel=1e-9)
+
+
 @pytest.mark.parametrize("case", ["labels", "count", "no_bootstrap"])
 def test_paired_with_refuses_sets_that_do_not_pair(data, tmp_path, case):
     d = data["dir"]

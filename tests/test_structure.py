@@ -1,13 +1,19 @@
 """Rules of the code base that a change could break: short functions, objective
-knowledge inside objectives.py, one home for defaults."""
+knowledge inside objectives.py, one home for defaults, shared options defined once,
+options resolved into a new value, one stream per kind of draw."""
 
 import ast
+import dataclasses
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from groupdiff_cli.cli import main
+from groupdiff_cli.jobs.train import resolved
 from groupdiff_cli.plumbing.defaults import PRESETS, TRAIN_DEFAULTS, TrainOptions
+from groupdiff_cli.plumbing.seeds import Draw, evaluation_rng
 
 PACKAGE = Path(__file__).resolve().parents[1] / "groupdiff_cli"
 
@@ -57,3 +63,33 @@ def test_presets_name_only_training_options():
     options = set(TrainOptions.__dataclass_fields__)
     for name, values in PRESETS.items():
         assert set(values) <= options, name
+
+
+SHARED = ("ckpt", "cfg_scale", "guidance_interval", "sampler", "steps", "seed", "batch_size", "vae", "cpu")
+
+
+def test_options_shared_by_sample_attention_and_study_read_the_same():
+    def described(command, name):
+        p = next(p for p in main.commands[command].params if p.name == name)
+        return p.opts, p.default, p.required, repr(p.type), p.help, p.show_default, type(p)
+
+    for name in SHARED:
+        assert described("sample", name) == described("attention", name) == described("study", name), name
+
+
+def test_train_options_are_resolved_into_a_new_frozen_value():
+    given = TrainOptions(data="d", model="SiT-Ti/2")
+    info = dict(embedder_dim=0)
+    done = resolved(given, info, log=lambda m: None)
+    assert (done.grouping, done.objective, done.run_name) == ("random", "flow", "SiT-Ti-2-l4")
+    assert (given.grouping, given.objective, given.run_name) == (None, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        given.max_steps = 1
+
+
+def test_each_kind_of_evaluation_draw_has_its_own_stream():
+    draws = {d: evaluation_rng(0, d).integers(0, 2**31, 8).tolist() for d in Draw}
+    assert len({tuple(v) for v in draws.values()}) == len(Draw)
+    # the bootstrap's stream is the one the published intervals were drawn with
+    assert draws[Draw.BOOTSTRAP] == np.random.default_rng(0).integers(0, 2**31, 8).tolist()
+
