@@ -21,7 +21,7 @@ from groupdiff_cli.plumbing.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO
                                              MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS, SAMPLE_IDS,
                                              SAMPLE_PRESETS, SD_VAE_SCALE, STUDY_GROUP_SIZES, TRAIN_DEFAULTS, WEIGHTS)
 from groupdiff_cli.plumbing.files import InputError
-from groupdiff_cli.plumbing.layout import DATASET_FILE
+from groupdiff_cli.plumbing.layout import DATASET_FILE, STUDY_CSV, STUDY_PLOT
 
 T = TRAIN_DEFAULTS  # `groupdiff train`'s defaults, read from TrainOptions
 STOPPED_EXIT_CODE = 75  # as `train` after a stop signal (distributed.PREEMPTED_EXIT_CODE): rerun to continue
@@ -689,7 +689,7 @@ def study(ckpt, ref, out_dir, group_sizes, num_samples, align_labels, cfg_scale,
                      cpu=cpu, eval_data=eval_data, align_labels=align_labels,
                      guidance_interval=_interval(guidance_interval), baseline=baseline,
                      log=lambda m: click.echo(m, err=True))
-    click.echo(f"{len(rows)} group sizes: {Path(out_dir) / 'study.csv'}, {Path(out_dir) / 'study.png'}")
+    click.echo(f"{len(rows)} group sizes: {Path(out_dir) / STUDY_CSV}, {Path(out_dir) / STUDY_PLOT}")
 
 
 @main.command()

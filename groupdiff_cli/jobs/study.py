@@ -25,7 +25,8 @@ from groupdiff_cli.jobs import attention
 from groupdiff_cli.jobs.sampling import build_job, run_sampling
 from groupdiff_cli.plumbing.defaults import CFG_SCALE, STUDY_GROUP_SIZES
 from groupdiff_cli.plumbing.files import atomic_path
-from groupdiff_cli.plumbing.layout import LABELS_FILE
+from groupdiff_cli.plumbing.layout import (BASELINE_DIR, BRANCH_LOSS_CSV, LABELS_FILE, STUDY_CSV, STUDY_PLOT,
+                                           STUDY_REFERENCE, group_size_dir)
 from groupdiff_cli.science.checkpoints import load_model
 from groupdiff_cli.science.objectives import create, of_run
 
@@ -63,14 +64,14 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     settings = dict(num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                     seed=seed, vae=vae, guidance_interval=guidance_interval, warn=log)
     jobs = {n: build_job(ckpt, group_size=n, loaded=loaded, **settings)[0] for n in group_sizes}
-    has_baseline = _sample_baseline(baseline, settings, out / "baseline", batch_size, cpu)
+    has_baseline = _sample_baseline(baseline, settings, out / BASELINE_DIR, batch_size, cpu)
     rows = []
     for n, job in jobs.items():
-        run_sampling(job, loaded[0], out / f"N{n}", batch_size=batch_size, cpu=cpu)
+        run_sampling(job, loaded[0], group_size_dir(out, n), batch_size=batch_size, cpu=cpu)
         row = dict(group_size=n)
         if evaluator is not None:
             # pool features only: a rerun reuses those kept in N{n}/ (no Inception pass)
-            m = evaluator.evaluate(out / f"N{n}", ("fid", "prc"), bootstrap=bootstrap, bootstrap_block=n, seed=seed,
+            m = evaluator.evaluate(group_size_dir(out, n), ("fid", "prc"), bootstrap=bootstrap, bootstrap_block=n, seed=seed,
                                    explicit_metrics=False)[0]["metrics"]
             row.update(fid=m["fid"], **{k: m[k] for k in ("precision", "recall") if k in m})
             if "fid_bootstrap" in m:
@@ -89,8 +90,8 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
         add_paired_differences(rows, out, evaluator, bootstrap, seed, log)
         if has_baseline:
             add_baseline_differences(rows, out, evaluator, bootstrap, seed, log)
-    write_study_csv(rows, out / "study.csv")
-    plot_study(rows, out / "study.png")
+    write_study_csv(rows, out / STUDY_CSV)
+    plot_study(rows, out / STUDY_PLOT)
     if eval_data:
         write_branch_losses(loaded, eval_data, group_sizes, out, seed, log)
     return rows
@@ -99,7 +100,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
 def _evaluator(ref, out: Path, inception_weights, cpu: bool) -> fid.Evaluator:
     """The study's evaluator; images given as REF have their statistics kept in
     OUT/reference_stats.npz, which a rerun reads instead."""
-    stats = out / "reference_stats.npz"
+    stats = out / STUDY_REFERENCE
     if fid.is_stats_file(Path(ref)):
         return fid.Evaluator(ref, inception_weights, cpu=cpu)
     if stats.exists():
@@ -140,7 +141,7 @@ def add_paired_differences(rows: list[dict], out: Path, evaluator: fid.Evaluator
     if len(sizes) < 2:
         return
     base, block = min(sizes), math.lcm(*sizes)
-    count = len(np.load(out / f"N{base}" / LABELS_FILE))
+    count = len(np.load(group_size_dir(out, base) / LABELS_FILE))
     if count % block:
         log(f"paired FID differences skipped: {count} samples are not a multiple of {block}, "
             f"the least common multiple of the group sizes")
@@ -149,7 +150,7 @@ def add_paired_differences(rows: list[dict], out: Path, evaluator: fid.Evaluator
         n = row["group_size"]
         if n == base or n not in sizes:
             continue
-        d = _paired(evaluator, out / f"N{n}", out / f"N{base}", f"N={base}", rounds, block, seed, log)
+        d = _paired(evaluator, group_size_dir(out, n), group_size_dir(out, base), f"N={base}", rounds, block, seed, log)
         if d is not None:
             row.update(fid_diff=d["difference"], fid_diff_lo=d["ci95"][0], fid_diff_hi=d["ci95"][1])
             log(f"N={n}: FID - FID(N={base}) = {d['difference']:+.3f}, paired 95% interval "
@@ -164,7 +165,7 @@ def add_baseline_differences(rows: list[dict], out: Path, evaluator: fid.Evaluat
     log(f"baseline: FID {evaluator.fid(out / 'baseline'):.4g}")
     for row in rows:
         n = row["group_size"]
-        d = _paired(evaluator, out / f"N{n}", out / "baseline", "the baseline", rounds, block, seed, log)
+        d = _paired(evaluator, group_size_dir(out, n), out / BASELINE_DIR, "the baseline", rounds, block, seed, log)
         if d is not None:
             row.update(fid_vs_base=d["difference"], fid_vs_base_lo=d["ci95"][0], fid_vs_base_hi=d["ci95"][1])
             log(f"N={n}: FID - FID(baseline) = {d['difference']:+.3f}, paired 95% interval "
@@ -188,7 +189,7 @@ def write_branch_losses(loaded, eval_data, group_sizes, out: Path, seed: int = 0
     x0, labels = heldout_latents(read_dataset(eval_data, "--eval-data"), 256, max(group_sizes),
                                  info.get("train", {}).get("similarity_threshold", 0.7), seed)
     rows = branch_losses(model, objective, x0, labels, sorted(group_sizes), seed=seed)
-    with atomic_path(out / "branch_loss.csv") as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(out / BRANCH_LOSS_CSV) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["t", "branch", "group_size", "loss"])
         w.writeheader()
         w.writerows(rows)

@@ -13,6 +13,11 @@
       grids/, images/             PNGs: 16 images a grid; one per image (--save-images)
       chunks/chunk_00000.npz      the job's pieces, joined into samples.npz at the end
       pool_features.npz           the samples' Inception pool features, kept there by `fid`
+    STUDY/                        `study`
+      N1/, N4/, ..., baseline/    a sample folder per group size, and the baseline's
+      study.csv, study.png        the rows and the figure
+      reference_stats.npz         the reference's statistics, when REF was images
+      branch_loss.csv             with --eval-data
 """
 
 from __future__ import annotations
@@ -58,3 +63,13 @@ def chunk_file(out, k: int) -> Path:
 
 def image_file(out, index: int) -> Path:
     return Path(out) / IMAGES_DIR / f"{index:06d}.png"
+
+
+# a study folder
+STUDY_CSV, STUDY_PLOT, BRANCH_LOSS_CSV = "study.csv", "study.png", "branch_loss.csv"
+STUDY_REFERENCE, BASELINE_DIR = "reference_stats.npz", "baseline"
+
+
+def group_size_dir(out, n: int) -> Path:
+    """The samples a study drew at group size ``n``."""
+    return Path(out) / f"N{n}"
