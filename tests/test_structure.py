@@ -93,3 +93,29 @@ def test_each_kind_of_evaluation_draw_has_its_own_stream():
     # the bootstrap's stream is the one the published intervals were drawn with
     assert draws[Draw.BOOTSTRAP] == np.random.default_rng(0).integers(0, 2**31, 8).tolist()
 
+
+def imported_packages(path: Path) -> set[str]:
+    """What of groupdiff_cli a module imports: its folders, its top-level modules by name,
+    "__init__" for the package itself (its version)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "groupdiff_cli":
+                found.add(parts[1] if len(parts) > 1 else "__init__")
+    return found
+
+
+def test_no_part_of_the_package_imports_upwards():
+    """plumbing < science, data, evaluation < jobs < the command line."""
+    allowed = {"plumbing": {"plumbing"}, "science": {"plumbing", "science"},
+               "data": {"plumbing", "science", "data", "evaluation"},
+               "evaluation": {"plumbing", "science", "data", "evaluation"},
+               "jobs": {"plumbing", "science", "data", "evaluation", "jobs"}}
+    upward = [(str(path.relative_to(PACKAGE)), sorted(imported_packages(path) - allowed[path.parent.name]
+                                                      - {"__init__"}))
+              for path in sorted(PACKAGE.rglob("*.py")) if path.parent.name in allowed]
+    assert [(f, bad) for f, bad in upward if bad] == []
+
