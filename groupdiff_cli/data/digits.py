@@ -156,7 +156,8 @@ def build_classifier(out=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / "classifier.safetensors")
     info = dict(heldout_accuracy=acc, heldout_images=int(held.sum()), train_images=int((~held).sum()),
-                split=dict(per_class=HELDOUT, seed=SPLIT_SEED), architecture="DigitClassifier(width=32)")
+                split=dict(per_class=HELDOUT, seed=SPLIT_SEED, stream=f"(seed, Draw.{Draw.DIGITS_SPLIT.name})"),
+                architecture="DigitClassifier(width=32)")
     write_json_atomic(info, out / "classifier.json")
     return info
 
