@@ -141,7 +141,8 @@ class Evaluator:
         self._extractor, self._reference = extractor, None
         self._features: dict[tuple[str, bool], Features] = {}
         self._resampled: dict[tuple, np.ndarray] = {}
-        self.notes: list[str] = []  # what happened to caches on the way (each at most once)
+        self._frechet: FrechetDistance | None = None  # holds the reference's matrix square root
+        self.notes: list[str] = []  # what happened to caches on the way
 
     @property
     def extractor(self) -> InceptionFeatures:
@@ -209,27 +210,28 @@ class Evaluator:
         self._features[name, pool_only] = feats
         return feats
 
+    @property
     def frechet(self) -> FrechetDistance:
-        ref = self.reference
-        if ref.mu is None:
-            raise ValueError(f"{self.ref_path}: no FID statistics")
-        return FrechetDistance(ref.mu, ref.sigma)
+        """FID against the reference; built once (a 2,048-d eigen-decomposition)."""
+        if self._frechet is None:
+            self._frechet = FrechetDistance(self.reference.mu, self.reference.sigma)
+        return self._frechet
 
     def fid(self, samples) -> float:
-        return self.frechet().of_features(self.features(samples).pool)
+        return self.frechet.of_features(self.features(samples).pool)
 
     def resampled_fids(self, samples, rounds: int, block: int, seed: int) -> np.ndarray:
         """``metrics.resampled_fids`` of a sample set, computed once per (rounds, block, seed)."""
         key = (str(Path(samples).resolve()), rounds, block, seed)
         if key not in self._resampled:
-            self._resampled[key] = resampled_fids(self.features(samples).pool, self.frechet(), rounds, block, seed)
+            self._resampled[key] = resampled_fids(self.features(samples).pool, self.frechet, rounds, block, seed)
         return self._resampled[key]
 
     def paired_difference(self, samples, other, rounds: int, block: int, seed: int = 0) -> dict:
         """FID(samples) - FID(other) for two sets whose image i came from the same seed and
         label, with the paired bootstrap interval (``metrics.paired_fid_difference``);
         also ``fid`` and ``other_fid``."""
-        fd, mine, theirs = self.frechet(), self.features(samples).pool, self.features(other).pool
+        fd, mine, theirs = self.frechet, self.features(samples).pool, self.features(other).pool
         fid_a, fid_b = fd.of_features(mine), fd.of_features(theirs)
         out = paired_fid_difference(mine, theirs, fd, rounds, block, seed,
                                     base_values=self.resampled_fids(other, rounds, block, seed),
@@ -266,7 +268,8 @@ class Evaluator:
         import torch_fidelity
 
         report = dict(
-            metrics=_metrics(chosen, feats, ref, bootstrap, block, seed, other),
+            metrics=_metrics(chosen, feats, ref, self.frechet if "fid" in chosen else None, bootstrap, block, seed,
+                             other),
             notes=[*self.extractor.notes, *self.notes, *notes],  # what happened to the caches, if anything
             samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
             reference=dict(path=str(self.ref_path), count=ref.count, sha256=ref.sha256,
@@ -357,10 +360,10 @@ def _supported_metrics(metrics, ref, ref_path: Path, num_samples: int, has_logit
     return chosen, notes
 
 
-def _metrics(chosen, feats, ref, bootstrap: int, bootstrap_block: int, seed: int,
+def _metrics(chosen, feats, ref, fd: FrechetDistance | None, bootstrap: int, bootstrap_block: int, seed: int,
              other: Features | None = None) -> dict:
+    """The chosen metrics; ``fd``: FID against the reference (when "fid" is chosen)."""
     results: dict = {}
-    fd = FrechetDistance(ref.mu, ref.sigma)
     if "fid" in chosen:
         results["fid"] = fd.of_features(feats.pool)
         if bootstrap:  # one set of resamples for the interval and the paired difference

@@ -79,9 +79,10 @@ def digits_evaluator(out: Path, extractor: InceptionFeatures, log) -> fid.Evalua
     files it keeps in ``out`` are checked when reused: a bad one is rebuilt, with a note."""
     stats = out / f"digits_fid_stats_{extractor.weights['sha256'][:12]}.npz"
     if stats.exists():
+        evaluator = fid.Evaluator(stats, extractor=extractor, cpu=True)
         try:
-            fid.load_reference_stats(stats)
-            return fid.Evaluator(stats, extractor=extractor, cpu=True)
+            evaluator.reference  # noqa: B018 (read and checked now: a bad file is rebuilt)
+            return evaluator
         except ValueError as e:  # IntegrityError included
             log(f"note: {e}: rebuilt")
     real = out / "digits_rgb.npz"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import zipfile
@@ -380,7 +381,7 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
     state.wait_for_everyone()
     npz = out / SAMPLES_FILE
     if state.is_main_process:
-        _join_chunks(job, chunks_dir, npz, out / LABELS_FILE)
+        _join_chunks(job, out)
     state.wait_for_everyone()
     return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
                 processes=state.num_processes)
@@ -415,20 +416,21 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
     save_arrays(chunk_file(out, k), arr_0=images, arr_1=labels, key=np.array(chunk_key(job, k)))
 
 
-def _join_chunks(job: SampleJob, chunks_dir: Path, npz: Path, labels_file: Path) -> None:
+def _join_chunks(job: SampleJob, out: Path) -> None:
+    """OUT/samples.npz and OUT/labels.npy from the job's chunks, each read once."""
     all_labels = np.repeat(np.array(job.labels, np.int64), job.group_size)
 
-    def read_chunks():
-        for k in range(job.num_chunks):
-            path = chunk_file(chunks_dir.parent, k)
-            arrays = load_arrays(path)
-            if str(arrays.get("key")) != chunk_key(job, k):
-                raise IntegrityError(path, "it belongs to another sampling job")
-            yield arrays["arr_0"]
+    def read_chunk(k: int) -> np.ndarray:
+        path = chunk_file(out, k)
+        arrays = load_arrays(path)
+        if str(arrays.get("key")) != chunk_key(job, k):
+            raise IntegrityError(path, "it belongs to another sampling job")
+        return arrays["arr_0"]
 
-    shape = load_arrays(chunks_dir / "chunk_00000.npz")["arr_0"].shape[1:]
-    write_npz_streaming(npz, read_chunks(), job.num_images, shape, all_labels)
-    with atomic_path(labels_file) as tmp:
+    first = read_chunk(0)  # gives the image shape
+    chunks = itertools.chain([first], (read_chunk(k) for k in range(1, job.num_chunks)))
+    write_npz_streaming(out / SAMPLES_FILE, chunks, job.num_images, first.shape[1:], all_labels)
+    with atomic_path(out / LABELS_FILE) as tmp:
         np.save(tmp, all_labels)
 
 
