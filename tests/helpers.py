@@ -41,10 +41,12 @@ def write_run(root: Path, name="DiT-Ti/2", group_mode="l", group_size=4, vae="pi
     return root
 
 
-def write_dataset(d: Path, n=32, classes=4, shard_size=8, clusters=8, seed=0, hw=8) -> Path:
+def write_dataset(d: Path, n=32, classes=4, shard_size=8, clusters=8, seed=0, hw=8, random_emb=False) -> Path:
     """Shards as `groupdiff encode` writes them, with latents and embeddings we control:
-    sample i belongs to embedding cluster i % clusters (cosine 1 inside, 0 across)."""
+    sample i belongs to embedding cluster i % clusters (cosine 1 inside, 0 across), or,
+    with ``random_emb``, has a random unit embedding of its own."""
     rng = np.random.default_rng(seed)
+    emb_rng = np.random.default_rng(seed + 1)
     d.mkdir(parents=True)
     shards = []
     centers = np.eye(16)[:clusters]
@@ -57,7 +59,8 @@ def write_dataset(d: Path, n=32, classes=4, shard_size=8, clusters=8, seed=0, hw
                             "mean.npy": mean, "std.npy": np.full((4, hw, hw), 0.01, np.float16),
                             "flip_mean.npy": mean[..., ::-1].copy(), "flip_std.npy": np.full((4, hw, hw), 0.01,
                                                                                              np.float16),
-                            "emb.npy": centers[i % clusters].astype(np.float16)})
+                            "emb.npy": (_unit(emb_rng.normal(size=16)) if random_emb
+                                        else centers[i % clusters]).astype(np.float16)})
         (d / name.replace(".tar", ".json")).write_text(json.dumps(dict(count=min(shard_size, n - k))))
         shards.append(name)
     info = dict(num_samples=n, num_classes=classes, class_names=[str(c) for c in range(classes)], image_size=hw * 8,
@@ -65,6 +68,10 @@ def write_dataset(d: Path, n=32, classes=4, shard_size=8, clusters=8, seed=0, hw
                 embedder="synthetic", embedder_dim=16, shards=shards)
     (d / "dataset.json").write_text(json.dumps(info))
     return d
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
 
 
 def checkpoint_weights(run_dir: Path, step: int):

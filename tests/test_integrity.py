@@ -4,7 +4,9 @@ fails is a note, and a checkpoint that cannot be written is one line."""
 
 import errno
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -172,9 +174,12 @@ def test_the_converted_inception_cache_is_checked_rebuilt_and_falls_back_when_ho
     # a home whose cache cannot be written (a file where the folder should be)
     (tmp_path / "ro").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro" / "cache"))
-    monkeypatch.setattr(inception.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(inception.tempfile, "tempdir", str(tmp_path / "tmp"))
     fallback = inception.InceptionFeatures()
-    assert fallback.weights["path"].startswith(str(tmp_path / "tmp"))
+    folder = Path(fallback.weights["path"]).parent  # a new private folder of a random name, not a fixed one
+    assert folder.parent == tmp_path / "tmp" and folder.name.startswith("groupdiff-cache-")
+    assert folder.name != f"groupdiff-cache-{os.getuid()}" and stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert any("set XDG_CACHE_HOME to a writable folder" in n for n in fallback.notes)
     with torch.no_grad():
         torch.testing.assert_close(fallback(x)["pool"], want)

@@ -282,7 +282,7 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
 def test_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {"x": torch.zeros(1)}, "thing": Path("/")}, path)
-    with pytest.raises(ValueError, match="evil.pt: refused to load .*weights_only"):
+    with pytest.raises(ValueError, match=r"evil.pt: refused: its pickle imports pathlib.PosixPath, .*nothing was run"):
         load_pretrained(path)
 
 

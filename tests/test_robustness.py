@@ -104,7 +104,7 @@ def test_a_malicious_optimizer_state_is_refused_in_one_line(data, tmp_path):
     state = json.loads((opt.parent / "state.json").read_text())  # forged: its checksum fits
     state["sha256"]["optimizer.pt"] = file_sha256(opt)
     (opt.parent / "state.json").write_text(json.dumps(state))
-    one_line(cli(*args, "--max-steps", "4", "--resume"), 2, str(opt), "cannot load")
+    one_line(cli(*args, "--max-steps", "4", "--resume"), 2, str(opt), "refused: its pickle imports", "Popen")
 
 
 def test_resume_logs_each_step_once_and_a_moved_run_resumes(data, tmp_path):

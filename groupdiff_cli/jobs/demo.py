@@ -38,7 +38,7 @@ from groupdiff_cli.plumbing.defaults import (DEMO_BATCH, DEMO_BOOTSTRAP, DEMO_CF
 from groupdiff_cli.plumbing.files import atomic_path, write_json_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.plumbing.layout import DATASET_FILE, SAMPLES_FILE
-from groupdiff_cli.science.checkpoints import checkpoint_dirs, checkpoint_step, load_model
+from groupdiff_cli.science.checkpoints import check_comparable, checkpoint_dirs, checkpoint_step, load_model
 
 DEMO_RECIPE = "digits-l4"  # the training recipe of the shipped GroupDiff-l weights and of --from-scratch
 DEMO_MODEL = PRESETS[DEMO_RECIPE]["model"]
@@ -187,8 +187,9 @@ def run_demo(out, *, from_scratch: int | None = None, baseline=None, sampling: S
     t0 = time.perf_counter()
     out = Path(out)
     extractor = InceptionFeatures(inception_weights)  # built once, before any work: the weights must be readable,
-    if baseline is not None:
-        load_model(baseline)  # the baseline must load,
+    if baseline is not None:  # the baseline must load and draw the demo's images (8x8 digits, 10 classes),
+        check_comparable(load_model(PRETRAINED), load_model(baseline, flag="--baseline"), "--baseline", baseline,
+                         against="the demo's model")
     if not from_scratch:
         check_shipped_runs()  # and the shipped files must be intact
 

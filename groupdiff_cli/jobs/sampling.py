@@ -74,6 +74,12 @@ class Guidance:
                    job.uncond_group_size)
 
 
+def full_precision(out: torch.Tensor) -> torch.Tensor:
+    """A bf16 / fp16 network output in fp32; fp32 and fp64 as they are (a float64 model
+    samples in float64 throughout, which the tests use to compare batchings exactly)."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
 def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance, rows, precision: str = "fp32"):
     """(x, the objective's time) -> its prediction, with CFG and group sizes: the
     denoiser the samplers integrate.
@@ -112,13 +118,13 @@ def make_denoiser(model, objective, labels, group_size: int, guidance: Guidance,
             with autocast():
                 out = model(torch.cat([x, x]), torch.cat([t_net, t_net]), torch.cat([labels, null]),
                             group_size=sizes(gc) + sizes(gu), sample_ids=torch.cat([ids_for(gc), ids_for(gu)]))
-            cond, uncond = out.float().chunk(2)
+            cond, uncond = full_precision(out).chunk(2)
             k = guidance.channels or c
             guided = uncond[:, :k] + guidance.scale * (cond[:, :k] - uncond[:, :k])
             out = torch.cat([guided, cond[:, k:]], dim=1)
         else:
             with autocast():
-                out = model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc)).float()
+                out = full_precision(model(x, t_net, labels, group_size=sizes(gc), sample_ids=ids_for(gc)))
         finite = torch.isfinite(out.flatten(1)).all(1)
         if not bool(finite.all()):  # never let NaN samples be written as if valid
             bad = sorted({int(i) // group_size for i in torch.nonzero(~finite).flatten()})

@@ -27,7 +27,7 @@ from groupdiff_cli.plumbing.defaults import CFG_SCALE, STUDY_GROUP_SIZES
 from groupdiff_cli.plumbing.files import atomic_path
 from groupdiff_cli.plumbing.layout import (BASELINE_DIR, BRANCH_LOSS_CSV, LABELS_FILE, STUDY_CSV, STUDY_PLOT,
                                            STUDY_REFERENCE, group_size_dir)
-from groupdiff_cli.science.checkpoints import load_model
+from groupdiff_cli.science.checkpoints import check_comparable, load_model
 from groupdiff_cli.science.objectives import create, of_run
 
 
@@ -64,7 +64,12 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
     settings = dict(num_samples=num_samples, align_labels=block, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                     seed=seed, vae=vae, guidance_interval=guidance_interval, warn=log)
     jobs = {n: build_job(ckpt, group_size=n, loaded=loaded, **settings)[0] for n in group_sizes}
-    has_baseline = _sample_baseline(baseline, settings, out / BASELINE_DIR, batch_size, cpu)
+    base_job = None
+    if baseline is not None:  # checked and resolved before any sampling, as every group size is
+        base_loaded = load_model(baseline, flag="--baseline")
+        check_comparable(loaded, base_loaded, "--baseline", baseline)
+        base_job = build_job(baseline, group_size=1, loaded=base_loaded, **settings)[0]
+        run_sampling(base_job, base_loaded[0], out / BASELINE_DIR, batch_size=batch_size, cpu=cpu)
     rows = []
     for n, job in jobs.items():
         run_sampling(job, loaded[0], group_size_dir(out, n), batch_size=batch_size, cpu=cpu)
@@ -88,7 +93,7 @@ def run_study(ckpt, ref, out_dir, group_sizes=STUDY_GROUP_SIZES, num_samples: in
         log(f"N={n}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     if evaluator is not None and bootstrap:
         add_paired_differences(rows, out, evaluator, bootstrap, seed, log)
-        if has_baseline:
+        if base_job is not None:
             add_baseline_differences(rows, out, evaluator, bootstrap, seed, log)
     write_study_csv(rows, out / STUDY_CSV)
     plot_study(rows, out / STUDY_PLOT)
@@ -106,20 +111,6 @@ def _evaluator(ref, out: Path, inception_weights, cpu: bool) -> fid.Evaluator:
     if stats.exists():
         return fid.Evaluator(stats, inception_weights, cpu=cpu)
     return fid.Evaluator(ref, inception_weights, cpu=cpu, save_ref_stats=stats)
-
-
-def _sample_baseline(baseline, settings: dict, out: Path, batch_size: int, cpu: bool) -> bool:
-    """The baseline one by one on the study's seeds and labels, in ``out``; whether there is one."""
-    if baseline is None:
-        return False
-    loaded = load_model(baseline)
-    job = build_job(baseline, group_size=1, loaded=loaded, **settings)[0]
-    run_sampling(job, loaded[0], out, batch_size=batch_size, cpu=cpu)
-    return True
-
-
-STUDY_FIELDS = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
-                "fid_vs_base", "fid_vs_base_lo", "fid_vs_base_hi", "precision", "recall", "s_cross"]
 
 
 def write_study_csv(rows: list[dict], path: Path) -> None:

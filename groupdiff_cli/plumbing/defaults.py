@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 
 # ---- groups ----------------------------------------------------------------
 GROUP_MODES = ("l", "f", "none")  # GroupDiff-l, GroupDiff-f, plain DiT/SiT
-GROUPINGS = ("similarity", "class", "random")
+GROUPINGS = ("similarity", "class", "random", "neighbours")
+BATCH_COMPOSITIONS = ("mixed", "separate")  # --grouping neighbours: groups and singles in every batch, or apart
 NO_DECAY_RULES = ("ours", "release")  # which parameters get no weight decay (train._no_decay)
 MAX_GROUP_SIZE = 16  # rows of the sample-embedding table: the largest group a model can run
 STUDY_GROUP_SIZES = (1, 2, 4, 8, 16)  # the group sizes `study` and the held-out evaluation measure
@@ -53,6 +54,7 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 RELEASE_VAE = "stabilityai/sd-vae-ft-mse"  # the GroupDiff authors' latents and decoder
 SD_VAE_SCALE = 0.18215
 PIXEL = "pixel"  # the --vae value of pixel-space models
+VAE_DOWNSAMPLING = 8  # image pixels per latent pixel, along each side, of the SD-VAE
 DEFAULT_EMBEDDER = "vit_base_patch14_dinov2.lvd142m"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
@@ -70,6 +72,9 @@ class TrainOptions:
     grouping: str | None = None  # one of GROUPINGS; default similarity when embeddings exist
     similarity_threshold: float = 0.7
     group_buffer: int = 20_000
+    neighbours_k: int = 100  # --grouping neighbours: mates come from each anchor's top K
+    batch_composition: str = "mixed"  # one of BATCH_COMPOSITIONS
+    latent_cache: str | None = None  # --grouping neighbours: where the memory-mapped records go; default DATA/cache
     num_workers: int = 1  # 1: a worker process builds the next window in shared memory; 0: in the training process
     timestep_variance: float = 0.0
     max_group_size: int = MAX_GROUP_SIZE
@@ -106,15 +111,18 @@ class TrainOptions:
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainOptions) if f.name != "data"}
 
 # Named recipes. The paper's (method.md §3-§5): AdamW 1e-4, batch 256, EMA 0.9999,
-# GroupDiff-l with 10% of the images in similarity groups of 4, timestep variance 100.
-_PAPER = dict(group_mode="l", group_size=4, group_ratio=0.1, grouping="similarity", similarity_threshold=0.7,
+# GroupDiff-l with 10% of the images in groups of 4, timestep variance 100; groups as the
+# authors form them, an anchor and its nearest free neighbours over the whole data set
+# (`groupdiff neighbours DATA` builds the table first).
+_PAPER = dict(group_mode="l", group_size=4, group_ratio=0.1, grouping="neighbours", similarity_threshold=0.7,
               timestep_variance=100.0, global_batch_size=256, lr=1e-4, ema_decay=0.9999)
 PRESETS = {
     "sit-xl-l4": dict(_PAPER, model="SiT-XL/2"),
     # the authors' released SiT: REPA-SiT-XL/2 (--init-from its checkpoint) fine-tuned
     # 500K steps as GroupDiff-l-4 with their optimiser and initialisation (docs/reproducing.md)
     "release-sit-finetune": dict(_PAPER, model="SiT-XL/2", timestep_variance=0.0, max_steps=500_000,
-                                 max_group_size=4, no_decay_rule="release", init_sample_embed_std=0.02),
+                                 max_group_size=4, no_decay_rule="release", init_sample_embed_std=0.02,
+                                 batch_composition="separate"),
     "dit-xl-l4": dict(_PAPER, model="DiT-XL/2"),
     # the shapes at 32 px (study/shapes_dataset.py; study/README.md)
     "shapes-l4": dict(model="SiT-Mi/4", group_mode="l", group_size=4, group_ratio=0.25, global_batch_size=64,

@@ -43,6 +43,12 @@ def window_rng(seed: int, rank: int, window: int) -> np.random.Generator:
     return np.random.default_rng([seed, rank, window])
 
 
+def neighbour_plan_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The order of anchors and the free pool of one epoch under --grouping neighbours
+    (the same for every process)."""
+    return np.random.default_rng([seed, epoch, 0x6e67])
+
+
 def similarity_rng(seed: int, window: int) -> np.random.Generator:
     """The pairs sampled for a window's similarity statistics."""
     return np.random.default_rng([seed, window])

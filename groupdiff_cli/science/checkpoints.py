@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from groupdiff_cli.plumbing.defaults import RELEASE_VAE, SD_VAE_SCALE, WEIGHTS
+from groupdiff_cli.plumbing.defaults import DEFAULT_VAE, PIXEL, RELEASE_VAE, SD_VAE_SCALE, VAE_DOWNSAMPLING, WEIGHTS
 from groupdiff_cli.plumbing.files import read_json_file, write_json_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
+from groupdiff_cli.plumbing.torchfiles import load_torch
 from groupdiff_cli.plumbing.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE,
                                            STATE_FILE, checkpoint_dir, checkpoints_dir)
 from groupdiff_cli.science.models import GroupDiT, model_from_config
@@ -119,9 +120,10 @@ def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
     recorded = (state.get("sha256") or {}).get(OPTIMIZER_FILE)  # checkpoints written before checksums: none
     if recorded and (ckpt / OPTIMIZER_FILE).is_file() and file_sha256(ckpt / OPTIMIZER_FILE) != recorded:
         raise IntegrityError(ckpt / OPTIMIZER_FILE, f"its sha256 differs from the one in {STATE_FILE}")
+    state_dict = load_torch(ckpt / OPTIMIZER_FILE, f"--resume: {ckpt / OPTIMIZER_FILE}")
     try:
-        optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    except Exception as e:  # refused pickles, truncated files, another model's optimizer
+        optimizer.load_state_dict(state_dict)
+    except Exception as e:  # another model's optimizer
         raise ValueError(f"--resume: {ckpt / OPTIMIZER_FILE}: cannot load ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     step = state.get("step")
@@ -140,12 +142,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
-def _run_of(path: Path) -> tuple[Path | None, Path | None]:
+def _run_of(path: Path, flag: str = "--ckpt") -> tuple[Path | None, Path | None]:
     """(run dir, checkpoint dir) for a run dir, a checkpoint dir or a weights file in one."""
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         ckpts = checkpoint_dirs(path)
         if not ckpts:
-            raise ValueError(f"--ckpt {path}: run directory without a complete checkpoint in {path / 'checkpoints'}")
+            raise ValueError(f"{flag} {path}: run directory without a complete checkpoint in {path / 'checkpoints'}")
         return path, ckpts[-1]
     if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX):
         return path.parent.parent, path
@@ -154,36 +156,37 @@ def _run_of(path: Path) -> tuple[Path | None, Path | None]:
     return None, None
 
 
-def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[GroupDiT, dict]:
+def load_model(ckpt, weights: str = "ema", name: str | None = None, flag: str = "--ckpt") -> tuple[GroupDiT, dict]:
     """Load a model for inference from one of our runs or an official checkpoint.
 
     Returns the model (eval mode) and a description: the run's config.json (or a
     minimal one for a foreign file, with ``official``: what ``official.load_pretrained``
     read) plus ``checkpoint`` (the file read). ``weights`` picks the EMA or the raw
-    weights of our checkpoints and of foreign files that hold both.
+    weights of our checkpoints and of foreign files that hold both. ``flag`` is the
+    option that named the checkpoint, for error lines (--baseline, --init-from, ...).
     """
     path = Path(ckpt)
     if not path.exists():
-        raise ValueError(f"--ckpt {path}: no such file or directory")
+        raise ValueError(f"{flag} {path}: no such file or directory")
     if weights not in WEIGHT_FILES:
         raise ValueError(f"--weights {weights}: choose from {', '.join(WEIGHT_FILES)}")
-    run_dir, ckpt_dir = _run_of(path)
+    run_dir, ckpt_dir = _run_of(path, flag)
     if run_dir is not None:
-        cfg = read_json_file(run_dir / CONFIG_FILE, "--ckpt")
+        cfg = read_json_file(run_dir / CONFIG_FILE, flag)
         if not isinstance(cfg.get("model"), dict):
-            raise ValueError(f"--ckpt: {run_dir / CONFIG_FILE} has no model description")
+            raise ValueError(f"{flag}: {run_dir / CONFIG_FILE} has no model description")
         model = model_from_config(cfg["model"])
         file = path if path.is_file() else ckpt_dir / WEIGHT_FILES[weights]
         if not file.is_file():
-            raise ValueError(f"--ckpt {ckpt_dir}: no {file.name} in this checkpoint")
+            raise ValueError(f"{flag} {ckpt_dir}: no {file.name} in this checkpoint")
         try:
             model.load_state_dict(load_safetensors(file, require_digest=True), strict=True)
         except RuntimeError as e:
-            raise ValueError(f"--ckpt {file}: does not fit the model in config.json "
+            raise ValueError(f"{flag} {file}: does not fit the model in config.json "
                              f"({str(e).splitlines()[0]})") from None
         return model.eval(), dict(cfg, checkpoint=str(file))
     if path.is_dir():
-        raise ValueError(f"--ckpt {path}: neither a run directory (with config.json) nor a checkpoint file")
+        raise ValueError(f"{flag} {path}: neither a run directory (with config.json) nor a checkpoint file")
     model, desc = load_pretrained(path, name=name, weights=weights)
     g = desc["group_size"]  # the authors' release: GroupDiff-l, groups as large as its sample table
     train = dict(group_size=g or 1, group_mode="l" if g else "none", official=True, source=desc["layout"])
@@ -191,6 +194,33 @@ def load_model(ckpt, weights: str = "ema", name: str | None = None) -> tuple[Gro
     dataset = dict(vae=RELEASE_VAE, vae_scale=SD_VAE_SCALE) if desc["layout"] == "groupdiff" else {}
     cfg = dict(model=model.config, train=train, dataset=dataset, checkpoint=str(path), official=desc)
     return model.eval(), cfg
+
+
+# the SD-VAEs whose encoder is one (their fine-tuning changed the decoder only): one latent space
+SD_VAE_FAMILY = (DEFAULT_VAE, RELEASE_VAE)
+
+
+def image_space(loaded) -> dict:
+    """What a loaded model's samples are: image size in pixels, latent space, channels and
+    classes. Two models can be compared image for image only when these are equal."""
+    model, info = loaded
+    dataset = info.get("dataset", {})
+    vae = dataset.get("vae") or (PIXEL if model.in_channels == 3 else DEFAULT_VAE)
+    scale = float(dataset.get("vae_scale", SD_VAE_SCALE))
+    space = "pixels" if vae == PIXEL else f"{'the SD-VAE' if vae in SD_VAE_FAMILY else vae}'s latents x {scale:g}"
+    size = dataset.get("image_size") or model.input_size * (1 if vae == PIXEL else VAE_DOWNSAMPLING)
+    return {"image size": f"{size}x{size}", "latent space": space, "channel count": model.in_channels,
+            "class count": model.num_classes}
+
+
+def check_comparable(loaded, other, flag: str, path, against: str = "--ckpt") -> None:
+    """Refuse, naming ``flag``, a second model (``other``, read from ``path``) whose samples
+    cannot be paired image for image with ``loaded``'s: another image size, latent space,
+    channel count or class count."""
+    mine, theirs = image_space(loaded), image_space(other)
+    differ = [f"its {what} is {theirs[what]}, {against}'s {mine[what]}" for what in mine if mine[what] != theirs[what]]
+    if differ:
+        raise ValueError(f"{flag} {path}: {'; '.join(differ)}: the two cannot be compared image for image")
 
 
 def export_ema(ckpt_dir, dest, dtype=torch.float16, note: dict | None = None) -> Path:

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from groupdiff_cli.plumbing.defaults import MAX_GROUP_SIZE
 from groupdiff_cli.plumbing.integrity import load_safetensors
+from groupdiff_cli.plumbing.torchfiles import load_torch, looks_like
 from groupdiff_cli.science.models import SAMPLE_EMBED_KEY, SIZES, GroupDiT, create_model
 
 EMA_ENTRIES = ("ema", "model_ema")  # DiT/REPA, the GroupDiff release
@@ -62,16 +61,7 @@ class ForeignCheckpoint:
 
 def _torch_load(path) -> object:
     # DiT's and REPA's training saves also pickle the argparse.Namespace of the run
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's message is a page long; keep the sentence that names the culprit
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            reason = f"it pickles {found.group(1)}" if found else type(e).__name__
-            raise ValueError(f"{path}: refused to load with torch.load(weights_only=True): {reason}") from None
-        except Exception as e:  # not a torch file at all: zip, pickle and index errors alike
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    return load_torch(path, str(path), safe_globals=[argparse.Namespace])
 
 
 def _pick_entry(obj, weights: str, path) -> tuple[dict, str | None, list[str]]:
@@ -132,6 +122,8 @@ def read_checkpoint(path, weights: str = "ema") -> ForeignCheckpoint:
     ``weights_only=True``, or ``.safetensors``) into our names and convention."""
     if str(path).endswith(".safetensors"):
         sd, entry, notes = load_safetensors(path), None, []
+    elif looks_like(path) == "a safetensors file":
+        sd, entry, notes = load_safetensors(path), None, [f"note: {path} is a safetensors file; read as one"]
     else:
         sd, entry, notes = _pick_entry(_torch_load(path), weights, path)
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -182,6 +174,12 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
                 learn_sigma=out_ch == 2 * in_ch, num_classes=num_classes)
 
 
+def family_by_name(path) -> str | None:
+    """DiT or SiT as an official file's name says (``DiT-XL-2-256x256.pt``), or None."""
+    base = os.path.basename(str(path)).lower()
+    return "SiT" if base.startswith("sit") else "DiT" if base.startswith("dit") else None
+
+
 def load_pretrained(path, name: str | None = None, max_group_size: int = MAX_GROUP_SIZE,
                     weights: str = "ema") -> tuple[GroupDiT, dict]:
     """A GroupDiT holding a foreign checkpoint (see ``read_checkpoint``).
@@ -198,12 +196,21 @@ def load_pretrained(path, name: str | None = None, max_group_size: int = MAX_GRO
     ck = read_checkpoint(path, weights)
     sd = ck.state_dict
     arch = infer_architecture(sd)
+    named = family_by_name(path)
     if name is None:
-        family = ck.family or ("SiT" if os.path.basename(str(path)).lower().startswith("sit") else "DiT")
+        family = ck.family or named or "DiT"
         name = f"{family}-{arch['size']}/{arch['patch_size']}"
     elif ck.family and not name.startswith(ck.family):
         raise ValueError(f"--model {name}: {path} holds a {ck.family} ({'with' if arch['learn_sigma'] else 'without'} "
                          f"learned variance, {ck.layout} layout)")
+    elif not ck.family and named and not name.startswith(named):
+        # DiT's and SiT's official files hold the same tensors: only the name tells a DDPM
+        # network from a flow one, and starting one objective from the other's weights is
+        # no conversion but a new training
+        objective = {"DiT": "DDPM, eps and learned variance", "SiT": "flow matching, velocity"}
+        raise ValueError(f"--model {name}: {path} is a {named} checkpoint by its name ({objective[named]}); use "
+                         f"--model {named}-{arch['size']}/{arch['patch_size']}, or rename the file if its name is "
+                         f"wrong (a SiT's starts with 'SiT')")
     model = create_model(name, input_size=arch["input_size"], in_channels=arch["in_channels"],
                          learn_sigma=arch["learn_sigma"], num_classes=arch["num_classes"],
                          max_group_size=sd[SAMPLE_EMBED_KEY].shape[0] if SAMPLE_EMBED_KEY in sd else max_group_size)
