@@ -113,6 +113,10 @@ def _evaluator(ref, out: Path, inception_weights, cpu: bool) -> fid.Evaluator:
     return fid.Evaluator(ref, inception_weights, cpu=cpu, save_ref_stats=stats)
 
 
+STUDY_FIELDS = ["group_size", "fid", "fid_ci_lo", "fid_ci_hi", "fid_diff", "fid_diff_lo", "fid_diff_hi",
+                "fid_vs_base", "fid_vs_base_lo", "fid_vs_base_hi", "precision", "recall", "s_cross"]
+
+
 def write_study_csv(rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=STUDY_FIELDS)
