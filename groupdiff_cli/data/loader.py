@@ -603,7 +603,10 @@ class GroupBatches:
                 self._loader = (w, iter(loader))
             try:
                 win = next(self._loader[1])
-            except Exception:
+            except Exception as e:
+                if "DataLoader worker (pid" in str(e):  # the worker died (killed): stop, as mid-step
+                    self.close()
+                    raise
                 # torch re-raises a worker's error as text with the worker's traceback;
                 # the window is a pure function of w, so building it here raises the
                 # error as itself (a one-line message), or goes on if it was passing
