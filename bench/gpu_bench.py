@@ -13,6 +13,8 @@ depend on them), bf16 autocast for training and sampling:
   vae       SD-VAE encode img/s at 256 px (the real diffusers AutoencoderKL
             architecture of stabilityai/sd-vae-ft-ema, fp32 as `encode` runs it)
   fid       Inception (torch-fidelity's FID network) feature extraction img/s
+  bootstrap one `fid --bootstrap` resample at 50,000 2,048-d features (float64, on the
+            GPU), projected to 1,000 rounds; precision/recall at 50,000 vs 10,000
 Each figure sits next to its anchor: the card's dense bf16 peak (MFU = 3 x forward
 FLOPs x img/s / peak) and DiT's published training speed (~26 img/s per A100 for
 DiT-XL/2, the usual anchor). Writes OUT/gpu_bench.json and OUT/gpu_bench.md
@@ -229,16 +231,41 @@ def bench_fid(cfg, device) -> dict:
     return row
 
 
+def bench_bootstrap(cfg, device) -> dict:
+    import numpy as np
+
+    from groupdiff_cli.evaluation.metrics import FrechetDistance, ResampledFrechet, gaussian_stats, precision_recall
+
+    rng = np.random.default_rng(0)
+    n, d = cfg["boot_n"], 2048
+    ref = rng.standard_normal((4096, d), dtype=np.float32) @ rng.standard_normal((d, d), dtype=np.float32) / d**0.5
+    fd = FrechetDistance(*gaussian_stats(ref))
+    feats = np.tile(ref, (n // len(ref) + 1, 1))[:n] + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
+    resample = ResampledFrechet(feats, fd, 1, device)
+    draw = lambda: resample(np.bincount(rng.integers(0, n, n), minlength=n))  # noqa: E731
+    draw()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(cfg["boot_rounds"]):
+        draw()
+    per_round = (time.perf_counter() - t0) / cfg["boot_rounds"]
+    t0 = time.perf_counter()
+    precision_recall(feats, feats[: n // 5], device=device)
+    row = dict(samples=n, seconds_per_round=per_round, minutes_per_1000=per_round * 1000 / 60,
+               prc_seconds=time.perf_counter() - t0, prc_reference=n // 5)
+    print("bootstrap", json.dumps(row), flush=True)
+    return row
+
+
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
               block_out_channels=(128, 256, 512, 512), sample_size=256,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 FULL = dict(models=["SiT-XL/2", "DiT-XL/2"], overrides={}, batch=32, compile=[False, True], warmup=3, repeats=10,
             bf16=True, max_batch=4096, sample_images=64, sample_steps=10, repeats_sample=3, vae=SD_VAE, vae_batch=32,
-            fid_batch=200)
+            fid_batch=200, boot_n=50_000, boot_rounds=5)
 SMOKE = dict(models=["SiT-Mi/4", "DiT-Mi/4"], overrides=dict(input_size=8, num_classes=10), batch=8,
              compile=[False], warmup=1, repeats=2, bf16=False, max_batch=32, sample_images=16, sample_steps=2,
              repeats_sample=1, vae=dict(SD_VAE, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
-                                        sample_size=32), vae_batch=4, fid_batch=4)
+                                        sample_size=32), vae_batch=4, fid_batch=4, boot_n=500, boot_rounds=2)
 
 
 def markdown(res: dict) -> str:
@@ -264,6 +291,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['model']} | {r['group_size']} | {r['img_s']:,.1f} | {r['img_s_per_250_evals']:,.2f} |")
     lines += ["", f"SD-VAE encode ({res['vae']['image_size']} px, fp32): {res['vae']['img_s']:,.1f} img/s; "
                   f"FID Inception features: {res['fid']['img_s']:,.1f} img/s."]
+    b = res["bootstrap"]
+    lines += ["", f"FID bootstrap at {b['samples']:,} samples: {b['seconds_per_round']:.3f} s a resample, "
+                  f"{b['minutes_per_1000']:.1f} min for 1,000; precision/recall against {b['prc_reference']:,}: "
+                  f"{b['prc_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +320,7 @@ def main(argv=None):
     res["sample"] = bench_sample(cfg, device)
     res["vae"] = bench_vae(cfg, device)
     res["fid"] = bench_fid(cfg, device)
+    res["bootstrap"] = bench_bootstrap(cfg, device)
     res["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

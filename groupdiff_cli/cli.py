@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from groupdiff_cli import __version__, options
-from groupdiff_cli.options import Number, PathValue, SamplerOption
+from groupdiff_cli.options import CheckpointValue, Number, PathValue, SamplerOption
 from groupdiff_cli.plumbing.defaults import (BATCH_COMPOSITIONS, DEFAULT_EMBEDDER, DEFAULT_VAE, DEMO_BOOTSTRAP, DEMO_CFG_SCALE,
                                              DEMO_CHAIN_STEPS, DEMO_GROUP_SIZE, DEMO_GUIDANCE_INTERVAL,
                                              DEMO_SAMPLE_STEPS, DEMO_SAMPLER, GROUP_MODES, GROUPINGS, MAX_BOOTSTRAP,
@@ -313,9 +313,10 @@ def neighbours(data, k, block, cpu):
 @click.option("--no-flip", is_flag=True, help="Never use the flipped latents.")
 @click.option("--gradient-checkpointing", is_flag=True, default=T["gradient_checkpointing"])
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--init-from", default=None, type=PathValue(path_type=str),
+@click.option("--init-from", default=None, type=CheckpointValue(path_type=str),
               help="Fine-tune: start from a released file as it is (DiT's or SiT's .pt, REPA's SiT, the GroupDiff "
-                   "authors' .pth; its EMA weights) or one of our runs/checkpoints.")
+                   "authors' .pth; its EMA weights; hf://OWNER/REPO/FILE on the hub) or one of our "
+                   "runs/checkpoints.")
 @click.option("--init-sample-embed-std", default=T["init_sample_embed_std"], show_default=True, type=Number(0),
               help="With --init-from a file without a sample-embedding table: 0 starts it at zero (step 0 equals "
                    "the file); the authors' fine-tuning draws it from N(0, 0.02).")
@@ -403,7 +404,7 @@ def _interval(value: str) -> tuple[float, float]:
 @options.ckpt
 @click.option("--out", "out_dir", required=True, type=PathValue(file_okay=False),
               help="Output folder: grids/, samples.npz (ADM format), labels.npy. Rerunning the same command "
-                   "resumes an interrupted run.")
+                   "resumes an interrupted run; once finished, it does nothing.")
 @click.option("--model", "model_name", default=None,
               help="Registry name for an official checkpoint (default: read off its shapes and file name).")
 @click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True,
@@ -449,12 +450,15 @@ def _interval(value: str) -> tuple[float, float]:
               help="The GroupDiff authors' evaluation of their released models; it sets the options not given "
                    "on the command line: " + "; ".join(f"{k}: {_preset_text(v)}" for k, v in
                                                         sorted(SAMPLE_PRESETS.items())) + ".")
+@click.option("--keep-chunks", is_flag=True,
+              help="Keep chunks/ (the job's pieces) once samples.npz is joined and read back; by default they "
+                   "are removed, as they hold the same images again.")
 @options.cpu
 @click.pass_context
 def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, class_labels, random_labels,
            align_labels, cfg_scale, cfg_channels, guidance_interval, cond_group_size, uncond_group_size, sampler,
            steps, seed, batch_size, vae, vae_batch_size, save_images, chunk_groups, sample_ids, precision, preset,
-           cpu):
+           keep_chunks, cpu):
     """Sample groups of images jointly; each group shares one class label.
 
     Writes grids/ (one PNG per 16 images, 4 per row, captioned with their groups and
@@ -481,7 +485,7 @@ def sample(ctx, ckpt, out_dir, model_name, weights, group_size, num_samples, cla
         chunk_groups=chunk_groups, align_labels=align_labels, **settings,
         warn=lambda msg: main_process and click.echo(msg, err=True))
     result = run_sampling(job, model, out_dir, batch_size=batch_size, save_images=save_images,
-                          vae_batch_size=vae_batch_size, cpu=cpu)
+                          vae_batch_size=vae_batch_size, cpu=cpu, keep_chunks=keep_chunks)
     if main_process:
         click.echo(f"{result['images']} images in {result['groups']} groups of {job.group_size} "
                    f"({result['processes']} process{'es' if result['processes'] > 1 else ''}): "
@@ -627,9 +631,10 @@ def fid(samples, ref, metrics, json_out, inception_weights, save_ref_stats, boot
 @click.option("--from-scratch", "from_scratch", type=click.IntRange(1), default=None, metavar="STEPS",
               help="Compare two models trained here for STEPS steps each (GroupDiff-l and the baseline, batch 64) "
                    "instead of the shipped weights (their 1,500 steps: about 20 minutes in all on 2 CPU cores).")
-@click.option("--baseline", default=None, type=PathValue(path_type=str),
+@click.option("--baseline", default=None, type=CheckpointValue(path_type=str),
               help="The checkpoint to compare GroupDiff-l with, on the same seeds and labels (a run, checkpoint "
-                   "directory or released file). [default: the shipped baseline, or the one --from-scratch trains]")
+                   "directory, released file or hf://OWNER/REPO/FILE). [default: the shipped baseline, or the one "
+                   "--from-scratch trains]")
 @click.option("--group-size", default=DEMO_GROUP_SIZE, show_default=True, type=click.IntRange(2, MAX_GROUP_SIZE),
               help="Group size of GroupDiff-l's unconditional branch (its only grouped branch); the shipped "
                    "model was trained with 4.")
@@ -692,7 +697,7 @@ def demo(ctx, out_dir, from_scratch, baseline, group_size, groups_per_class, cfg
 @options.guidance_interval
 @options.sampler
 @options.steps
-@click.option("--baseline", default=None, type=PathValue(path_type=str),
+@click.option("--baseline", default=None, type=CheckpointValue(path_type=str),
               help="A second checkpoint (e.g. the same network trained without groups) sampled one by one on the "
                    "same seeds and labels: each group size also gets FID(N) - FID(baseline) with a paired interval "
                    "(columns fid_vs_base*), the paper's comparison.")

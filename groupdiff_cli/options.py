@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from groupdiff_cli.plumbing.defaults import CFG_SCALE, DEFAULT_STEPS
+from groupdiff_cli.plumbing.hub import hub_file, is_hub_name
 
 
 class Number(click.FloatRange):
@@ -31,6 +32,16 @@ class PathValue(click.Path):
         return super().convert(value, param, ctx)
 
 
+class CheckpointValue(PathValue):
+    """A checkpoint: a path, or a file on the Hugging Face Hub (hf://OWNER/REPO/FILE),
+    fetched into huggingface_hub's cache and given on as its local path (plumbing/hub.py)."""
+
+    def convert(self, value, param, ctx):
+        if is_hub_name(value):
+            return hub_file(value, param.opts[0] if param is not None else "--ckpt")
+        return super().convert(value, param, ctx)
+
+
 class SamplerOption(click.Option):
     """--sampler, whose help lists the registered samplers (read only when help is shown,
     so that the command line starts without importing torch)."""
@@ -47,10 +58,11 @@ class SamplerOption(click.Option):
 
 
 ckpt = click.option(
-    "--ckpt", required=True, type=PathValue(path_type=str),
+    "--ckpt", required=True, type=CheckpointValue(path_type=str),
     help="A run directory of `groupdiff train` (its latest checkpoint), one of its checkpoint directories, or a "
          "released file as it is: DiT's or SiT's .pt, REPA's SiT, the GroupDiff authors' .pth "
-         "(docs/reproducing.md).")
+         "(docs/reproducing.md); a file on the Hugging Face Hub as hf://OWNER/REPO/FILE (fetched once into "
+         "its cache).")
 cfg_scale = click.option(
     "--cfg-scale", type=Number(0), default=CFG_SCALE, show_default=True,
     help="Classifier-free guidance w (out = uncond + w (cond - uncond); 1 = off). 1.5 is the FID setting of "

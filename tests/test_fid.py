@@ -115,6 +115,30 @@ def test_bootstrap_resamples_whole_blocks():
         metrics.bootstrap_fid(feats, fd, rounds=2, block=5)
 
 
+@pytest.mark.parametrize("n, block", [(16, 4), (96, 4), (90, 1)])
+def test_a_resample_s_fid_is_the_fid_of_its_rows_and_the_published_draws_are_kept(n, block):
+    # no resampled copy is made (weighted statistics of the rows drawn, in Y = (X - mean) R):
+    # each value must equal the plain FID of the resampled rows, for fewer rows than
+    # dimensions (the n x n route) and more, and the draws must be those published before
+    rng = np.random.default_rng(7)
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(500, 24))))
+    x = rng.normal(size=(n, 24)) + 0.1
+    resample = metrics.ResampledFrechet(x, fd, block, "cpu")
+    for _ in range(3):
+        counts = np.bincount(rng.integers(0, n // block, n // block), minlength=n // block)
+        plain = fd.of_features(np.repeat(x, np.repeat(counts, block), axis=0))
+        assert resample(counts) == pytest.approx(plain, rel=1e-8)  # the plain one: rounding of clipped zeros
+
+
+def test_the_bootstrap_values_on_a_fixed_seed_are_those_the_copying_implementation_published():
+    rng = np.random.default_rng(7)
+    fd = metrics.FrechetDistance(*metrics.gaussian_stats(rng.normal(size=(500, 24))))
+    for n, kept in ((16, [28.9188664785, 21.1338118217, 26.8573048521, 20.7676786545]),
+                    (96, [3.2501526009, 3.9742912781, 3.9589198909, 3.6585456969])):
+        x = rng.normal(size=(n, 24)) + 0.1
+        assert metrics.resampled_fids(x, fd, 4, block=4, seed=3) == pytest.approx(kept, rel=1e-8)
+
+
 def test_bootstrap_interval_covers_the_full_set_estimate_where_the_percentile_one_does_not():
     # samples and reference from one distribution, dimension high against the count (as
     # 2048-d Inception features against a few thousand samples): resampling with
@@ -276,7 +300,8 @@ def test_a_reused_extractor_gives_the_numbers_and_provenance_of_a_fresh_one(data
         assert again["feature_extractor"] == fresh["feature_extractor"]
 
 
-def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
+def test_adm_style_reference_and_saved_stats_reproduce_fid(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     d = data["dir"]
     direct = run_fid(d / "samples.npz", d / "ref.npz", "--inception-weights", data["weights"],
                      "--metrics", "fid,sfid,prc,kid", "--json", d / "direct.json", "--save-ref-stats", d / "stats.npz")
@@ -296,6 +321,26 @@ def test_adm_style_reference_and_saved_stats_reproduce_fid(data):
         assert res.exit_code == 0, res.output
         got = json.loads((d / "r.json").read_text())["metrics"]
         assert got == pytest.approx(direct, rel=1e-6), ref
+
+    # the reference batch's pool features (for precision/recall) are kept in the user cache,
+    # keyed by the file's and the network's sha256: the next run does not extract them, and a
+    # damaged copy is extracted again with a note, the numbers unchanged
+    kept = list((tmp_path / "cache" / "groupdiff" / "references").glob("*.npz"))
+    assert [p.name[:16] for p in kept] == [file_sha256(d / "VIRTUAL_ref.npz")[:16]]
+    calls = []
+    real = fid.extract_features
+    monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
+    for damaged in (False, True):
+        if damaged:
+            kept[0].write_bytes(kept[0].read_bytes()[:-40] + bytes(40))
+        res = run_fid(d / "samples.npz", d / "VIRTUAL_ref.npz", "--inception-weights", data["weights"],
+                      "--metrics", "fid,prc", "--json", d / "r.json")
+        assert res.exit_code == 0, res.output
+        report = json.loads((d / "r.json").read_text())
+        assert report["metrics"]["precision"] == direct["precision"] and report["metrics"]["recall"] == direct["recall"]
+        assert sorted(calls) == ["reference images"] * damaged + ["samples"] and (
+            any("recomputed" in n for n in report["notes"]) == damaged)
+        calls.clear()
 
 
 def _sample_dir(path, images, labels):
@@ -445,21 +490,26 @@ def test_bad_input_is_one_line_with_exit_code_2(data, case, tmp_path, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], res.output
 
 
-def test_two_process_accelerate_launch_gathers_the_same_features(data):
+def test_two_process_accelerate_launch_gathers_the_same_features_and_computes_the_metrics_once(data):
     d = data["dir"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    extra = ["--bootstrap", "8", "--bootstrap-block", "2"]
     one = subprocess.run([sys.executable, "-m", "groupdiff_cli", "fid", d / "samples.npz", d / "ref.npz",
-                          "--inception-weights", data["weights"], "--json", d / "one.json", "--batch-size", "3"],
-                         capture_output=True, text=True, env=env)
+                          "--inception-weights", data["weights"], "--json", d / "one.json", "--batch-size", "3",
+                          *extra], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", "0", "-m", "groupdiff_cli", "fid", d / "samples.npz", d / "ref.npz",
                           "--inception-weights", data["weights"], "--json", d / "two.json", "--batch-size", "3",
-                          "--cpu"], capture_output=True, text=True, env=env, cwd=ROOT)
+                          "--cpu", *extra], capture_output=True, text=True, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((d / f).read_text()) for f in ("one.json", "two.json"))
     assert (a["processes"], b["processes"]) == (1, 2)  # the ranks really formed one job
     assert a["samples"]["sha256"] == b["samples"]["sha256"]
+    boot_a, boot_b = a["metrics"].pop("fid_bootstrap"), b["metrics"].pop("fid_bootstrap")
     assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-5)
-    assert [line.split()[0] for line in two.stdout.splitlines()].count("FID") == 1  # only the main process prints
+    assert boot_b["ci95"] == pytest.approx(boot_a["ci95"], rel=1e-5)
+    rows = [line.split()[0] for line in two.stdout.splitlines()]
+    assert rows.count("FID") == 2 and rows.count("sFID") == 1  # FID, its interval: only the main process prints
+    assert two.stderr.count("bootstrap:   0%") == 1  # and only it resamples

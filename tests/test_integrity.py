@@ -112,6 +112,32 @@ def test_a_cache_that_cannot_be_written_is_a_note_and_the_metric_is_kept(pixel_r
     assert not (out / "pool_features.npz").exists()
 
 
+def test_the_disk_check_counts_every_checkpoint_that_will_coexist(tmp_path, monkeypatch):
+    from groupdiff_cli.plumbing import files
+    from groupdiff_cli.science.checkpoints import checkpoint_space
+    from groupdiff_cli.science.models import create_model
+
+    # 10 bytes a checkpoint, saves at steps 2, 4, ..., 10: keep-last 2 + the one being written,
+    # plus every multiple of --keep-every; all five with keep-last 0 (keep all)
+    space = lambda *a: checkpoint_space(tmp_path / "run", 10, *a)[0]  # noqa: E731
+    assert (space(0, 10, 2, 2, None), space(0, 10, 2, 2, 4), space(0, 10, 2, 0, None)) == (30, 50, 50)
+    assert space(0, 2, 2, 2, None) == 10  # a run of one checkpoint needs one
+    (tmp_path / "run" / "checkpoints" / "step_0000002").mkdir(parents=True)
+    assert space(2, 10, 2, 2, None) == 20  # one is on disk already
+
+    # the CLI refuses before any step, in one line that gives the bytes and how they were counted
+    data = write_dataset(tmp_path / "data")
+    per = 16 * sum(p.numel() for p in create_model("SiT-Ti/2", input_size=8, in_channels=4, num_classes=4).parameters())
+    real = files.shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * per - 1))
+    res = cli(*train_args(data, tmp_path / "r", "--max-steps", "6"))
+    one_line(res, 2, "--results-dir", f"this run needs about", f"({3 * per:,} bytes", "3 checkpoints",
+             "--keep-last 2, the one being written, 0 kept by --keep-every")
+    assert not (tmp_path / "r" / "SiT-Ti-2-l4" / "checkpoints").exists()
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * per))
+    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "6")).exit_code == 0
+
+
 @pytest.mark.parametrize("writer", ["safetensors", "torch"])
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, writer):
     from safetensors import SafetensorError

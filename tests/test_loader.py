@@ -121,3 +121,4 @@ def test_gpu_bench_smoke_writes_every_figure(tmp_path):
     assert res["vae"]["img_s"] > 0 and res["fid"]["img_s"] > 0
     table = (out / "gpu_bench.md").read_text()
     assert "| SiT-Mi/4 | f | False | 8 |" in table and "FID Inception features" in table
+    assert res["bootstrap"]["samples"] == 500 and "FID bootstrap at 500 samples" in table

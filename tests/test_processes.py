@@ -305,3 +305,31 @@ def test_sigterm_outside_training_is_one_line_and_the_rerun_finishes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (256, 8, 8, 3)
+
+
+def test_a_process_that_never_arrives_fails_the_others_in_bounded_time_naming_the_stage(tmp_path, monkeypatch):
+    from groupdiff_cli.plumbing.distributed import collective_timeout
+
+    script = tmp_path / "stage.py"
+    script.write_text("import sys, time\n"
+                      "from groupdiff_cli.plumbing.distributed import process_state, wait_for_main\n"
+                      "state = process_state(cpu=True)\n"
+                      "if state.is_main_process:\n"
+                      "    time.sleep(float(sys.argv[1]))\n"
+                      "wait_for_main(state, 'sample: joining the chunks into samples.npz')\n"
+                      "print('arrived', state.process_index, flush=True)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GROUPDIFF_COLLECTIVE_TIMEOUT="0.1")  # 6 s
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    quick = subprocess.run([*launch, script, "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert quick.returncode == 0 and quick.stdout.count("arrived") == 2, quick.stderr[-2000:]  # work within it: fine
+    t0 = time.time()
+    stuck = subprocess.run([*launch, script, "60"], capture_output=True, text=True, env=env, timeout=120)
+    assert stuck.returncode != 0 and time.time() - t0 < 50
+    assert ("TimeoutError: sample: joining the chunks into samples.npz: process 1 waited 0:00:06 for the others "
+            "(set GROUPDIFF_COLLECTIVE_TIMEOUT in minutes)") in stuck.stderr
+    monkeypatch.setenv("GROUPDIFF_COLLECTIVE_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="GROUPDIFF_COLLECTIVE_TIMEOUT=soon: expected a positive number of minutes"):
+        collective_timeout()
+    monkeypatch.delenv("GROUPDIFF_COLLECTIVE_TIMEOUT")
+    assert collective_timeout().total_seconds() == 7200

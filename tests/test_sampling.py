@@ -1,5 +1,6 @@
 """`groupdiff sample`: reproducibility, group interaction under CFG, outputs, resume, bad input."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -157,27 +158,39 @@ def test_interrupted_run_resumes_and_a_different_one_is_refused(dit_run, tmp_pat
     from groupdiff_cli.jobs.sampling import build_job, run_sampling
 
     job, model = build_job(dit_run, group_size=2, num_samples=8, steps=3, chunk_groups=1)
-    run_sampling(job, model, out, batch_size=4)
+    run_sampling(job, model, out, batch_size=4, keep_chunks=True)
     full, _ = load(out)
     chunk_files = sorted((out / "chunks").iterdir())
     assert len(chunk_files) == 4
-    # simulate a crash after two chunks: the last two chunks and the final npz are missing
+    # simulate a crash after two chunks: the last two chunks and the joined npz are missing
     mtimes = {p.name: p.stat().st_mtime_ns for p in chunk_files[:2]}
     for p in chunk_files[2:]:
         p.unlink()
     (out / "samples.npz").unlink()
+    (out / "samples.json").unlink()
     calls = []
     import groupdiff_cli.jobs.sampling as sampling
 
     real = sampling.sample_groups
     try:
         sampling.sample_groups = lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+        run_sampling(job, model, out, batch_size=4, keep_chunks=True)
+        assert calls == [4, 6]  # only the missing chunks (first image indices 4 and 6) were sampled
+        assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "chunks").iterdir())[:2]} == mtimes
+        np.testing.assert_array_equal(load(out)[0], full)
+        # a finished job: a rerun samples nothing and, without --keep-chunks, still keeps the chunks
+        # it finds (they are removed only right after a join); a fresh job removes its own
         run_sampling(job, model, out, batch_size=4)
+        assert calls == [4, 6] and len(list((out / "chunks").iterdir())) == 4
     finally:
         sampling.sample_groups = real
-    assert calls == [4, 6]  # only the missing chunks (first image indices 4 and 6) were sampled
-    assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "chunks").iterdir())[:2]} == mtimes
-    np.testing.assert_array_equal(load(out)[0], full)
+    record = json.loads((out / "samples.json").read_text())
+    assert record["bytes"] == (out / "samples.npz").stat().st_size
+    assert record["images_sha256"] == hashlib.sha256(np.ascontiguousarray(full).tobytes()).hexdigest()
+    fresh = tmp_path / "fresh"
+    run_sampling(job, model, fresh, batch_size=4)
+    assert not (fresh / "chunks").exists()
+    np.testing.assert_array_equal(load(fresh)[0], full)
 
     res = run(*args[:-2], "--steps", "4")  # same --out, different configuration
     assert res.exit_code == 2 and "holds samples of a different configuration" in res.output

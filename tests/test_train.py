@@ -231,3 +231,38 @@ def test_a_preset_sets_the_options_not_given_on_the_command_line(data, tmp_path)
     saved = json.loads((tmp_path / "p" / "config.json").read_text())["train"]
     assert (saved["model"], saved["global_batch_size"], saved["lr"]) == ("SiT-Ti/2", 8, 1e-3)  # given: kept
     assert (saved["group_ratio"], saved["ema_decay"]) == (0.25, 0.995)  # not given: the preset's
+
+
+def test_checkpoints_are_written_while_training_goes_on_and_flushed_before_the_rename(data, tmp_path, monkeypatch):
+    import threading
+
+    import groupdiff_cli.jobs.train as train_mod
+    import groupdiff_cli.science.checkpoints as checkpoints
+
+    events, written = [], threading.Event()
+    real_save, real_fsync, real_step = checkpoints.save_checkpoint, checkpoints._fsync, train_mod.Run.train_step
+
+    def slow_save(run_dir, step, *a):
+        events.append(("write", step))
+        if step == 2:  # the write of step 2 lasts until the loop has trained step 3
+            assert written.wait(60), "the loop waited for the write"
+        out = real_save(run_dir, step, *a)
+        events.append(("written", step))
+        return out
+
+    def step(self, *a):
+        real_step(self, *a)
+        events.append(("step", self.step))
+        if self.step == 3:
+            written.set()
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save)
+    monkeypatch.setattr(checkpoints, "_fsync", lambda p: events.append(("fsync", Path(p).name)) or real_fsync(p))
+    monkeypatch.setattr(train_mod.Run, "train_step", step)
+    out = train(opts(data, tmp_path))
+    order = [e for e in events if e[0] != "fsync"]
+    assert order.index(("step", 3)) < order.index(("written", 2))  # training went on during the write
+    assert order[-1] == ("written", 4)  # and the run returned only once the last one was on disk
+    final = Path(out["run_dir"]) / "checkpoints" / "step_0000004"
+    synced = {name for kind, name in events if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} <= synced and {".tmp_0000004", "checkpoints"} <= synced

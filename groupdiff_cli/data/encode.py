@@ -41,7 +41,7 @@ from groupdiff_cli import __version__
 from groupdiff_cli.data.vae import load_vae
 from groupdiff_cli.evaluation.inception import InceptionFeatures
 from groupdiff_cli.plumbing.defaults import DEFAULT_EMBEDDER, DEFAULT_VAE, IMAGE_SUFFIXES, PIXEL, SD_VAE_SCALE
-from groupdiff_cli.plumbing.distributed import process_state, take_job_lock, worker_init
+from groupdiff_cli.plumbing.distributed import process_state, take_job_lock, wait_for_main, worker_init
 from groupdiff_cli.plumbing.files import atomic_path, check_output_dir, write_text_atomic
 from groupdiff_cli.plumbing.layout import DATASET_FILE, shard_record, shard_stem
 from groupdiff_cli.plumbing.seeds import encode_order_rng
@@ -369,7 +369,7 @@ def _encode_shards(src, out: Path, cfg: EncodeConfig, record, config_file, state
             write_text_atomic(listing, json.dumps(classes) + "\n" + "".join(f"{p}\t{y}\n" for p, y in items))
         if not config_file.exists():
             write_text_atomic(config_file, json.dumps(record, indent=2) + "\n")
-    state.wait_for_everyone()
+    wait_for_main(state, "encode: listing SRC")
     lines = listing.read_text().splitlines()
     classes = json.loads(lines[0])
     items = [(p, int(y)) for p, y in (line.rsplit("\t", 1) for line in lines[1:])]

@@ -13,13 +13,14 @@ import torch
 
 from groupdiff_cli import __version__
 from groupdiff_cli.evaluation.images import NpzImages, npz_keys, npz_member, open_images, recorded_group_size
-from groupdiff_cli.evaluation.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, extract_features,
-                                                load_pool_features, save_pool_features)
+from groupdiff_cli.evaluation.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, cache_dir,
+                                                extract_features, load_pool_features, private_folder,
+                                                save_pool_features)
 from groupdiff_cli.evaluation.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
                                               kernel_inception_distance, paired_fid_difference, precision_recall,
                                               resampled_fids)
 from groupdiff_cli.plumbing.defaults import MAX_BOOTSTRAP
-from groupdiff_cli.plumbing.distributed import process_state
+from groupdiff_cli.plumbing.distributed import on_main, process_state
 from groupdiff_cli.plumbing.integrity import DIGEST_KEY, IntegrityError, file_sha256, load_arrays, save_arrays
 from groupdiff_cli.plumbing.layout import LABELS_FILE, POOL_FEATURES, SAMPLE_CONFIG
 from groupdiff_cli.plumbing.seeds import Draw, evaluation_rng
@@ -179,13 +180,29 @@ class Evaluator:
             save_reference(ref, self._save)
         return ref
 
-    def features(self, path, images=None, pool_only: bool = True, desc: str = "samples", cache=None) -> Features:
+    def _reference_pool(self, ref: Reference) -> np.ndarray:
+        """The pool features of a reference batch's images (ADM's batches store none, and
+        precision/recall need them): extracted once, then kept in the user cache under the
+        file's sha256 and the network's, checksummed; a cache that cannot be made is
+        skipped with a note."""
+        try:
+            folder = private_folder(private_folder(cache_dir()) / "references")
+            cache = folder / f"{ref.sha256[:16]}-{self.extractor.weights['sha256'][:16]}.npz"
+        except OSError as e:
+            self.notes.append(f"the reference's pool features are not cached ({e.strerror or e}): set XDG_CACHE_HOME "
+                              f"to a writable folder to keep them")
+            cache = None
+        return self.features(self.ref_path, ref.images, desc="reference images", cache=cache, keep=True).pool
+
+    def features(self, path, images=None, pool_only: bool = True, desc: str = "samples", cache=None,
+                 keep: bool = False) -> Features:
         """The features of the image set at ``path``: kept from an earlier call, else the
         pool features saved in ``cache`` (default: a `groupdiff sample` folder's
         ``POOL_FEATURES``) when those are all that is needed and they were made from the
         same pixels by the same network, else extracted (and kept in a sample folder, so
-        that evaluating it again skips the network). A corrupt cache is recomputed and one
-        that cannot be written is skipped, each with a note."""
+        that evaluating it again skips the network; ``keep``: kept in ``cache`` too). A
+        corrupt cache is recomputed and one that cannot be written is skipped, each with a
+        note."""
         name = str(Path(path).resolve())
         for kept in ((name, False), (name, True)) if pool_only else ((name, False),):  # all features serve pool_only
             if kept in self._features:
@@ -201,12 +218,12 @@ class Evaluator:
                 self.notes.append(f"{e}: recomputed")
         if feats is None:
             feats = self._extract(images, desc)
-            if (folder / SAMPLE_CONFIG).is_file() and self.state.is_main_process:
+            if cache is not None and (keep or (folder / SAMPLE_CONFIG).is_file()) and self.state.is_main_process:
                 try:
-                    save_pool_features(feats, folder / POOL_FEATURES, self.extractor)
+                    save_pool_features(feats, cache, self.extractor)
                 except OSError as e:
-                    self.notes.append(f"pool features not kept in {folder / POOL_FEATURES} ({e.strerror or e}); "
-                                      f"the metrics are unaffected")
+                    self.notes.append(f"pool features not kept in {cache} ({e.strerror or e}); the metrics are "
+                                      f"unaffected")
         self._features[name, pool_only] = feats
         return feats
 
@@ -218,25 +235,35 @@ class Evaluator:
         return self._frechet
 
     def fid(self, samples) -> float:
-        return self.frechet.of_features(self.features(samples).pool)
+        """FID of a sample set (computed on the main process, known to all)."""
+        _, pool = self.reference, self.features(samples).pool  # every process extracts its share
+        return on_main(self.state, lambda: self.frechet.of_features(pool))
 
     def resampled_fids(self, samples, rounds: int, block: int, seed: int) -> np.ndarray:
-        """``metrics.resampled_fids`` of a sample set, computed once per (rounds, block, seed)."""
+        """``metrics.resampled_fids`` of a sample set, computed once per (rounds, block, seed)
+        (on the main process: call it there)."""
         key = (str(Path(samples).resolve()), rounds, block, seed)
         if key not in self._resampled:
-            self._resampled[key] = resampled_fids(self.features(samples).pool, self.frechet, rounds, block, seed)
+            self._resampled[key] = resampled_fids(self.features(samples).pool, self.frechet, rounds, block, seed,
+                                                  self.state.device)
         return self._resampled[key]
 
     def paired_difference(self, samples, other, rounds: int, block: int, seed: int = 0) -> dict:
         """FID(samples) - FID(other) for two sets whose image i came from the same seed and
         label, with the paired bootstrap interval (``metrics.paired_fid_difference``);
-        also ``fid`` and ``other_fid``."""
-        fd, mine, theirs = self.frechet, self.features(samples).pool, self.features(other).pool
-        fid_a, fid_b = fd.of_features(mine), fd.of_features(theirs)
-        out = paired_fid_difference(mine, theirs, fd, rounds, block, seed,
-                                    base_values=self.resampled_fids(other, rounds, block, seed),
-                                    values=self.resampled_fids(samples, rounds, block, seed), estimate=fid_a - fid_b)
-        return dict(out, fid=fid_a, other_fid=fid_b)
+        also ``fid`` and ``other_fid``. Computed on the main process, known to all."""
+        _, mine, theirs = self.reference, self.features(samples).pool, self.features(other).pool
+
+        def compute():
+            fd = self.frechet
+            fid_a, fid_b = fd.of_features(mine), fd.of_features(theirs)
+            out = paired_fid_difference(mine, theirs, fd, rounds, block, seed,
+                                        base_values=self.resampled_fids(other, rounds, block, seed),
+                                        values=self.resampled_fids(samples, rounds, block, seed),
+                                        estimate=fid_a - fid_b)
+            return dict(out, fid=fid_a, other_fid=fid_b)
+
+        return on_main(self.state, compute)
 
     def evaluate(self, samples, metrics=DEFAULT_METRICS, *, bootstrap: int = 0, bootstrap_block: int | None = None,
                  seed: int = 0, explicit_metrics: bool = True, paired_with=None) -> tuple[dict, Features]:
@@ -261,15 +288,15 @@ class Evaluator:
         chosen, notes = _supported_metrics(metrics, ref, self.ref_path, len(images), self.extractor.has_logits,
                                            explicit_metrics)
         if ref.pool is None and ref.images is not None and ({"prc", "kid"} & set(chosen)):
-            ref.pool = self._extract(ref.images, "reference images").pool
+            ref.pool = self._reference_pool(ref)
         feats = self.features(samples, images, set(chosen) <= POOL_METRICS)
         other = None if paired_with is None else self.features(paired_with, other_images, desc="paired samples")
         # lazy: torch-fidelity adds ~2.5 s to start-up; only computing features or metrics needs it
         import torch_fidelity
 
-        report = dict(
-            metrics=_metrics(chosen, feats, ref, self.frechet if "fid" in chosen else None, bootstrap, block, seed,
-                             other),
+        report = dict(  # the metrics on the main process alone: every process gets them
+            metrics=on_main(self.state, lambda: _metrics(chosen, feats, ref, self.frechet if "fid" in chosen else None,
+                                                         bootstrap, block, seed, other, self.state.device)),
             notes=[*self.extractor.notes, *self.notes, *notes],  # what happened to the caches, if anything
             samples=dict(path=str(samples), count=len(feats), sha256=feats.sha256),
             reference=dict(path=str(self.ref_path), count=ref.count, sha256=ref.sha256,
@@ -361,13 +388,14 @@ def _supported_metrics(metrics, ref, ref_path: Path, num_samples: int, has_logit
 
 
 def _metrics(chosen, feats, ref, fd: FrechetDistance | None, bootstrap: int, bootstrap_block: int, seed: int,
-             other: Features | None = None) -> dict:
-    """The chosen metrics; ``fd``: FID against the reference (when "fid" is chosen)."""
+             other: Features | None = None, device=None) -> dict:
+    """The chosen metrics; ``fd``: FID against the reference (when "fid" is chosen);
+    ``device``: where the bootstrap and precision/recall run."""
     results: dict = {}
     if "fid" in chosen:
         results["fid"] = fd.of_features(feats.pool)
         if bootstrap:  # one set of resamples for the interval and the paired difference
-            values = resampled_fids(feats.pool, fd, bootstrap, bootstrap_block, seed)
+            values = resampled_fids(feats.pool, fd, bootstrap, bootstrap_block, seed, device)
             results["fid_bootstrap"] = bootstrap_fid(feats.pool, fd, bootstrap, bootstrap_block, seed,
                                                      estimate=results["fid"], values=values)
             if other is not None:
@@ -380,7 +408,7 @@ def _metrics(chosen, feats, ref, fd: FrechetDistance | None, bootstrap: int, boo
     if "isc" in chosen:
         results["isc"], results["isc_std"] = inception_score(feats.logits)
     if "prc" in chosen:
-        results["precision"], results["recall"] = precision_recall(feats.pool, ref.pool)
+        results["precision"], results["recall"] = precision_recall(feats.pool, ref.pool, device=device)
     if "kid" in chosen:
         results["kid"], results["kid_std"] = kernel_inception_distance(feats.pool, ref.pool, seed)
     return results

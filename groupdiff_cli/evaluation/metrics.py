@@ -101,11 +101,15 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     return out["inception_score_mean"], out["inception_score_std"]
 
 
-def precision_recall(sample_pool: np.ndarray, ref_pool: np.ndarray, k: int = PRC_K) -> tuple[float, float]:
-    """Improved precision/recall (Kynkaanniemi et al.), k-NN radii, `<=` as ADM."""
+def precision_recall(sample_pool: np.ndarray, ref_pool: np.ndarray, k: int = PRC_K, device=None) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al.), k-NN radii, `<=` as ADM. The
+    distances are computed on ``device`` [default: the GPU when there is one], 10,000
+    rows at a time (torch-fidelity's blocks, which bound the memory)."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    out = prc_features_to_metric(torch.from_numpy(np.asarray(sample_pool)), torch.from_numpy(np.asarray(ref_pool)),
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = prc_features_to_metric(torch.as_tensor(np.asarray(sample_pool), device=device),
+                                 torch.as_tensor(np.asarray(ref_pool), device=device),
                                  prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
     return out["precision"], out["recall"]
 
@@ -120,20 +124,77 @@ def kernel_inception_distance(sample_pool, ref_pool, seed: int = 0) -> tuple[flo
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
 
-def resampled_fids(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0) -> np.ndarray:
+def resampled_fids(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0,
+                   device=None) -> np.ndarray:
     """FID of ``rounds`` bootstrap resamples of ``pool``: whole blocks of ``block``
     consecutive samples (one group: group-mates are correlated) drawn with replacement.
     The draws depend only on (len(pool), block, rounds, seed), so two sample sets of the
-    same size resample the same indices: that is what pairs them."""
+    same size resample the same indices: that is what pairs them. Each value equals
+    ``fd.of_features`` of the resampled rows (``ResampledFrechet``), on ``device``
+    [default: the GPU when there is one]."""
     n = len(pool)
     if block < 1 or n % block:
         raise ValueError(f"--bootstrap-block {block} does not divide the {n} samples")
     if rounds < 2:
         raise ValueError(f"--bootstrap {rounds}: need at least 2 resamples")
-    blocks = np.asarray(pool, dtype=np.float64).reshape(n // block, block, -1)
+    resample = ResampledFrechet(pool, fd, block, device)
     rng = evaluation_rng(seed, Draw.BOOTSTRAP)
-    return np.asarray([fd.of_features(blocks[rng.integers(0, len(blocks), len(blocks))].reshape(n, -1))
+    blocks = n // block
+    return np.asarray([resample(np.bincount(rng.integers(0, blocks, blocks), minlength=blocks))
                        for _ in tqdm(range(rounds), desc="bootstrap", unit="resample", leave=False)])
+
+
+class ResampledFrechet:
+    """FID of a resample of one feature set, given how many times each block is drawn.
+
+    A resample is the set with row i repeated w_i times (sum w = n). Its mean and
+    covariance are weighted sums over the distinct rows, so no resampled copy is made:
+    with Y = (X - mean) R (R = the reference's matrix square root, applied once) and
+    Z_i = sqrt(w_i) (y_i - mean_w(y)) over the rows drawn, R S_w R = Z'Z / (n - 1), whose
+    eigenvalues are those of ZZ' (whichever is smaller). That is ``fd.of_features`` of
+    the resampled rows, in float64, on ~63% of the rows, and on the GPU when there is
+    one (a 2,048-d eigen-decomposition per resample is what a CPU spends its time on)."""
+
+    def __init__(self, pool: np.ndarray, fd: FrechetDistance, block: int, device=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # NumPy on the CPU: torch's spinning OpenMP threads would slow NumPy's BLAS between calls
+        self.put = (lambda a: torch.as_tensor(a, device=self.device)) if self.device.type == "cuda" else np.asarray
+        x = self.put(np.asarray(pool, dtype=np.float64))
+        if x.shape[1] != len(fd.mu):
+            raise ValueError(f"feature dimensions differ: samples have {x.shape[1]}, the reference has {len(fd.mu)}")
+        self.n, self.block = len(x), block
+        self.centre = x.mean(0)
+        self.xc = x - self.centre
+        del x
+        self.y = self.xc @ self.put(fd.root)
+        self.sq = (self.xc * self.xc).sum(1)  # |x_i - mean|^2
+        self.mu_ref = self.put(fd.mu)
+        self.trace_ref = float(np.trace(fd.sigma))
+
+    def __call__(self, counts: np.ndarray) -> float:
+        """FID of the resample that draws block b ``counts[b]`` times."""
+        n, w = self.n, np.repeat(np.asarray(counts, dtype=np.float64), self.block)
+        drawn, w = self.put(np.flatnonzero(w)), self.put(w)
+        shift, shift_y = (w @ self.xc) / n, (w @ self.y) / n  # the resample's mean, less the full set's
+        trace = float(((w * self.sq).sum() - n * (shift @ shift)) / (n - 1))
+        tr_covmean = _trace_sqrt_gram((self.y[drawn] - shift_y) * (w[drawn] ** 0.5)[:, None], n - 1)
+        diff = self.centre + shift - self.mu_ref
+        return float(diff @ diff) + trace + self.trace_ref - 2 * tr_covmean
+
+
+def _trace_sqrt_gram(z, divisor: int) -> float:
+    """The sum of the square roots of the eigenvalues of Z'Z / divisor, through ZZ' when Z
+    has fewer rows than columns (the same nonzero eigenvalues). Z: a NumPy array, whose
+    BLAS computes A'A as a symmetric rank-k update, or a torch tensor on the GPU."""
+    gpu = torch.is_tensor(z)
+    m = (z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z) / divisor
+    if not (torch.isfinite(m).all() if gpu else np.isfinite(m).all()):
+        raise InputError(f"FID: {_DEGENERATE}")
+    try:
+        eig = torch.linalg.eigvalsh(m).cpu().numpy() if gpu else np.linalg.eigvalsh(m)
+    except (np.linalg.LinAlgError, RuntimeError):  # RuntimeError: torch's LinAlgError
+        raise InputError(f"FID: the eigen-decomposition failed; {_DEGENERATE}") from None
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def _bias_corrected_interval(values: np.ndarray, estimate: float, block: int) -> dict:
@@ -149,13 +210,13 @@ def _bias_corrected_interval(values: np.ndarray, estimate: float, block: int) ->
 
 
 def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int = 1, seed: int = 0,
-                  estimate: float | None = None, values: np.ndarray | None = None) -> dict:
+                  estimate: float | None = None, values: np.ndarray | None = None, device=None) -> dict:
     """A bias-corrected bootstrap interval for the FID of ``pool`` (see
     ``resampled_fids`` and ``_bias_corrected_interval``). Returns the interval, the bias,
     the standard deviation and the uncorrected percentiles. ``values``: the resamples,
-    when already computed."""
+    when already computed; ``device``: where they are computed (``resampled_fids``)."""
     if values is None:
-        values = resampled_fids(pool, fd, rounds, block, seed)
+        values = resampled_fids(pool, fd, rounds, block, seed, device)
     if estimate is None:
         estimate = fd.of_features(pool)
     return _bias_corrected_interval(values, estimate, block)
@@ -163,7 +224,7 @@ def bootstrap_fid(pool: np.ndarray, fd: FrechetDistance, rounds: int, block: int
 
 def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDistance, rounds: int,
                           block: int = 1, seed: int = 0, base_values: np.ndarray | None = None,
-                          estimate: float | None = None, values: np.ndarray | None = None) -> dict:
+                          estimate: float | None = None, values: np.ndarray | None = None, device=None) -> dict:
     """FID(pool) - FID(base_pool) for two sample sets whose image i came from the same
     seed and label (e.g. one group size against one by one), with a bias-corrected
     bootstrap interval that resamples the *same* blocks of both sets in every round.
@@ -177,9 +238,9 @@ def paired_fid_difference(pool: np.ndarray, base_pool: np.ndarray, fd: FrechetDi
     if len(pool) != len(base_pool):
         raise ValueError(f"paired FID: {len(pool)} and {len(base_pool)} samples; a pair needs equal counts")
     if base_values is None:
-        base_values = resampled_fids(base_pool, fd, rounds, block, seed)
+        base_values = resampled_fids(base_pool, fd, rounds, block, seed, device)
     if values is None:
-        values = resampled_fids(pool, fd, rounds, block, seed)
+        values = resampled_fids(pool, fd, rounds, block, seed, device)
     if estimate is None:
         estimate = fd.of_features(pool) - fd.of_features(base_pool)
     out = _bias_corrected_interval(values - base_values, estimate, block)

@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,11 +39,11 @@ from tqdm import tqdm
 from groupdiff_cli.data.vae import decode, load_vae
 from groupdiff_cli.plumbing.defaults import (CFG_SCALE, DEFAULT_STEPS, DEFAULT_VAE, PIXEL, PRECISIONS, SAMPLE_IDS,
                                              SD_VAE_SCALE)
-from groupdiff_cli.plumbing.distributed import process_state, take_job_lock
-from groupdiff_cli.plumbing.files import atomic_path, check_output_dir, write_json_atomic
+from groupdiff_cli.plumbing.distributed import process_state, take_job_lock, wait_for_main
+from groupdiff_cli.plumbing.files import atomic_path, check_output_dir, read_json_file, write_json_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, load_arrays, save_arrays
 from groupdiff_cli.plumbing.layout import (CHUNKS_DIR, GRIDS_DIR, IMAGES_DIR, LABELS_FILE, SAMPLE_CONFIG, SAMPLES_FILE,
-                                           chunk_file, image_file)
+                                           SAMPLES_RECORD, chunk_file, image_file)
 from groupdiff_cli.plumbing.seeds import group_rows_generator, image_generator, label_generator, seeds_of_images
 from groupdiff_cli.science import samplers
 from groupdiff_cli.science.checkpoints import load_model, step_of
@@ -271,18 +272,36 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp)
 
 
-def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarray) -> None:
+def write_npz_streaming(path: Path, chunks, count: int, shape, labels: np.ndarray) -> str:
     """``np.savez``-compatible npz (arr_0 uint8 NHWC, arr_1 labels) written chunk by
-    chunk, so 50k images never sit in memory at once; atomic (temp name + rename)."""
+    chunk, so 50k images never sit in memory at once; atomic (temp name + rename).
+    Returns the sha256 of the image bytes written (``images_digest`` reads it back)."""
+    digest = hashlib.sha256()
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                     "shape": (count, *shape)})
             for chunk in chunks:
-                f.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+                data = np.ascontiguousarray(chunk, dtype=np.uint8).tobytes()
+                digest.update(data)
+                f.write(data)
         with zf.open("arr_1.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, labels.astype(np.int64))
+    return digest.hexdigest()
+
+
+def images_digest(path: Path, block: int = 1 << 26) -> str:
+    """The sha256 of an npz's arr_0 data, read back from the disk in blocks; zipfile
+    checks the member's CRC as it reads, so a file that differs from what was written
+    raises (``zipfile.BadZipFile``)."""
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        np.lib.format.read_array_header_1_0(f) if np.lib.format.read_magic(f) == (1, 0) else \
+            np.lib.format.read_array_header_2_0(f)
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- #
@@ -326,9 +345,11 @@ class SampleJob:
 
 
 def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_images: bool = False,
-                 vae_batch_size: int = 32, cpu: bool = False) -> dict:
+                 vae_batch_size: int = 32, cpu: bool = False, keep_chunks: bool = False) -> dict:
     """Sample every chunk of groups not yet on disk (chunks are spread over the
-    processes of an `accelerate launch`), then write OUT/samples.npz and labels.npy."""
+    processes of an `accelerate launch`), then write OUT/samples.npz and labels.npy,
+    read them back, record them (``SAMPLES_RECORD``) and remove the chunks (unless
+    ``keep_chunks``). A rerun of a finished job does nothing."""
     state = process_state(cpu)
     out = Path(out_dir)
     config_file = out / SAMPLE_CONFIG
@@ -341,14 +362,15 @@ def run_sampling(job: SampleJob, model, out_dir, batch_size: int = 64, save_imag
                          f"model's {model.in_channels}")
     lock = take_job_lock(out, "--out", state)
     try:
-        return _sample_chunks(job, model, out, state, vae, batch_size, save_images, vae_batch_size)
+        return _sample_chunks(job, model, out, state, vae, batch_size, save_images, vae_batch_size, keep_chunks)
     finally:
         lock.release()
 
 
 def chunk_key(job: SampleJob, k: int) -> str:
     """What chunk k of ``job`` is: the sha256 of the job's configuration and k, stored in
-    the chunk, so that a chunk from another job (or another chunk's file) is never joined."""
+    the chunk, so that a chunk from another job (or another chunk's file) is never joined;
+    k = -1: the joined samples (``SAMPLES_RECORD``)."""
     record = json.dumps(json.loads(json.dumps(asdict(job))), sort_keys=True)
     return hashlib.sha256(f"{record}\0{k}".encode()).hexdigest()
 
@@ -365,8 +387,24 @@ def _chunk_ok(path: Path, job: SampleJob, k: int) -> bool:
             and arrays["arr_1"].shape == (count,))
 
 
-def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size) -> dict:
+def _finished(job: SampleJob, out: Path) -> bool:
+    """OUT holds this job's joined and verified samples (its record says so, and the
+    file is the size it was written at)."""
+    try:
+        record = read_json_file(out / SAMPLES_RECORD, "--out")
+        return (record.get("job") == chunk_key(job, -1) and (out / SAMPLES_FILE).stat().st_size == record["bytes"]
+                and (out / LABELS_FILE).is_file())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+
+
+def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, save_images, vae_batch_size,
+                   keep_chunks: bool) -> dict:
     chunks_dir, config_file = out / CHUNKS_DIR, out / SAMPLE_CONFIG
+    result = dict(out=str(out), samples=str(out / SAMPLES_FILE), images=job.num_images, groups=len(job.labels),
+                  processes=state.num_processes)
+    if _finished(job, out):
+        return result
     if state.is_main_process:
         for d in (chunks_dir, out / GRIDS_DIR) + ((out / IMAGES_DIR,) if save_images else ()):
             d.mkdir(parents=True, exist_ok=True)
@@ -385,12 +423,12 @@ def _sample_chunks(job: SampleJob, model, out: Path, state, vae, batch_size, sav
                       lambda n: bar.update(n * state.num_processes))
     bar.close()
     state.wait_for_everyone()
-    npz = out / SAMPLES_FILE
     if state.is_main_process:
         _join_chunks(job, out)
-    state.wait_for_everyone()
-    return dict(out=str(out), samples=str(npz), images=job.num_images, groups=len(job.labels),
-                processes=state.num_processes)
+        if not keep_chunks:  # joined and read back: the chunks are a second copy of the samples
+            shutil.rmtree(chunks_dir, ignore_errors=True)
+    wait_for_main(state, "sample: joining the chunks into samples.npz")
+    return result
 
 
 def job_objective(job: SampleJob, model):
@@ -423,7 +461,9 @@ def _sample_chunk(job: SampleJob, k: int, model, objective, out: Path, state, va
 
 
 def _join_chunks(job: SampleJob, out: Path) -> None:
-    """OUT/samples.npz and OUT/labels.npy from the job's chunks, each read once."""
+    """OUT/samples.npz and OUT/labels.npy from the job's chunks, each read once; the
+    images read back and compared, then recorded (the job's key, the file's size and
+    the images' sha256) in ``SAMPLES_RECORD``."""
     all_labels = np.repeat(np.array(job.labels, np.int64), job.group_size)
 
     def read_chunk(k: int) -> np.ndarray:
@@ -435,9 +475,14 @@ def _join_chunks(job: SampleJob, out: Path) -> None:
 
     first = read_chunk(0)  # gives the image shape
     chunks = itertools.chain([first], (read_chunk(k) for k in range(1, job.num_chunks)))
-    write_npz_streaming(out / SAMPLES_FILE, chunks, job.num_images, first.shape[1:], all_labels)
+    npz = out / SAMPLES_FILE
+    written = write_npz_streaming(npz, chunks, job.num_images, first.shape[1:], all_labels)
     with atomic_path(out / LABELS_FILE) as tmp:
         np.save(tmp, all_labels)
+    if images_digest(npz) != written:
+        raise IntegrityError(npz, "its images read back differ from the chunks written", "run the command again")
+    write_json_atomic(dict(job=chunk_key(job, -1), bytes=npz.stat().st_size, images_sha256=written),
+                      out / SAMPLES_RECORD)
 
 
 def build_job(ckpt, *, weights="ema", model_name=None, group_size=None, num_samples=None,

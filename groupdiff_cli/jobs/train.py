@@ -27,12 +27,12 @@ from groupdiff_cli.data.loader import GroupBatches, GroupRecipe, all_records, re
 from groupdiff_cli.data.neighbours import NeighbourBatches, read_table
 from groupdiff_cli.evaluation.branch_loss import branch_losses, heldout_latents
 from groupdiff_cli.plumbing.defaults import GROUP_MODES, GROUPINGS, NO_DECAY_RULES, STUDY_GROUP_SIZES, TrainOptions
-from groupdiff_cli.plumbing.distributed import StopSignals, process_state, take_job_lock
+from groupdiff_cli.plumbing.distributed import StopSignals, process_state, take_job_lock, wait_for_main
 from groupdiff_cli.plumbing.files import check_free_space, read_json_file, write_json_atomic, write_text_atomic
 from groupdiff_cli.plumbing.layout import CONFIG_FILE, EVAL_LOG, METRICS_LOG, checkpoints_dir
 from groupdiff_cli.plumbing.seeds import Stream, derived_seed, seed_initialisation
-from groupdiff_cli.science.checkpoints import (checkpoint_dirs, is_ours, load_model, load_training_state,
-                                               prune_checkpoints, save_checkpoint)
+from groupdiff_cli.science.checkpoints import (CheckpointWriter, checkpoint_dirs, checkpoint_space, is_ours,
+                                               load_model, load_training_state)
 from groupdiff_cli.science.models import MODELS, SAMPLE_EMBED_KEY, create_model
 from groupdiff_cli.science.objectives import create as create_objective, for_model
 from groupdiff_cli.science.official import describe, load_pretrained
@@ -260,7 +260,8 @@ class Run:
         ema.load_state_dict(model.state_dict())
         optimizer = _optimizer(model, o)
         self.step = load_training_state(ckpt, model, ema, optimizer) if ckpt is not None else 0
-        self.saved_step = self.step if ckpt is not None else None  # the step whose checkpoint is on disk
+        self.saved_step = self.step if ckpt is not None else None  # the step whose checkpoint is (being) written
+        self.writer = CheckpointWriter(self.dir, o.keep_last, o.keep_every)
         if self.state.is_main_process:
             self._claim_dir(model, resuming=ckpt is not None, log=log)
         self.accelerator.wait_for_everyone()
@@ -278,7 +279,10 @@ class Run:
         for name in (METRICS_LOG, EVAL_LOG):
             _drop_rows_after(self.dir / name, self.step)
         # model, EMA and two Adam moments in fp32: refuse to train steps that cannot be saved
-        check_free_space(self.dir, 4 * 4 * sum(p.numel() for p in model.parameters()), "--results-dir")
+        o = self.o
+        need, why = checkpoint_space(self.dir, 4 * 4 * sum(p.numel() for p in model.parameters()), self.step,
+                                     o.max_steps, o.ckpt_every, o.keep_last, o.keep_every)
+        check_free_space(self.dir, need, "--results-dir", why)
         if resuming:
             log(f"resuming {self.dir} from step {self.step}")
         else:  # the job has started: only now is the run directory claimed
@@ -303,6 +307,7 @@ class Run:
                 bar.close()
                 if self.saved_step != self.step:  # known alike on every rank, unlike the filesystem
                     self.save()
+                self.finish_saving()
                 return dict(run_dir=str(self.dir), step=self.step, processes=state.num_processes,
                             stopped_by=stopped_by)
             self.train_step(batches, window)
@@ -324,6 +329,7 @@ class Run:
             if step % o.ckpt_every == 0 or step == o.max_steps:
                 self.save()
         bar.close()
+        self.finish_saving()
         if o.report_to:
             self.accelerator.end_training()
         return dict(run_dir=str(self.dir), step=self.step, processes=state.num_processes)
@@ -376,13 +382,18 @@ class Run:
         sums = gather_object([_state_checksum(self.raw)])  # ranks must hold the same weights
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"step {self.step}: the processes' weights differ ({sums}); not saving")
-        if self.state.is_main_process:
-            save_checkpoint(self.dir, self.step, self.raw, self.ema, self.optimizer,
-                            dict(data_position=self.step * self.o.grad_accum, processes=self.state.num_processes,
-                                 param_sums=sums))
-            prune_checkpoints(self.dir, self.o.keep_last, self.o.keep_every)
-        self.accelerator.wait_for_everyone()
+        if self.state.is_main_process:  # written in the background: no process waits for the disk
+            self.writer.submit(self.step, self.raw, self.ema, self.optimizer,
+                               dict(data_position=self.step * self.o.grad_accum, processes=self.state.num_processes,
+                                    param_sums=sums))
         self.saved_step = self.step
+
+    def finish_saving(self) -> None:
+        """Return once the last checkpoint is on disk, on every process (the end of the
+        loop, and the stop path before exit code 75)."""
+        if self.state.is_main_process:
+            self.writer.wait()
+        wait_for_main(self.state, "train: writing the last checkpoint")
 
     def _warn_if_groups_are_random(self, batches: GroupBatches) -> None:
         sim, mates = batches.similarity, batches.mates

@@ -5,6 +5,7 @@ and the stop signals of schedulers (preemption)."""
 from __future__ import annotations
 
 import ctypes
+import datetime
 import functools
 import os
 import signal
@@ -21,6 +22,22 @@ from groupdiff_cli.plumbing.files import JobLock
 # EX_TEMPFAIL, "try again later". A requeue script reruns the command with --resume.
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # schedulers' "stop now" / SLURM's --signal=USR1@T
+TIMEOUT_ENV = "GROUPDIFF_COLLECTIVE_TIMEOUT"  # minutes (collective_timeout)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a process waits at a collective (``GROUPDIFF_COLLECTIVE_TIMEOUT``, in
+    minutes; 120 by default). torch's default, 10 minutes with NCCL, is shorter than what
+    the main process may do alone while the others wait: list 1.28M files on a network
+    filesystem, join 50,000 samples, write the last checkpoint."""
+    value = os.environ.get(TIMEOUT_ENV, "120")
+    try:
+        minutes = float(value)
+        if minutes <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value}: expected a positive number of minutes") from None
+    return datetime.timedelta(minutes=minutes)
 
 
 def process_state(cpu: bool = False):
@@ -30,7 +47,31 @@ def process_state(cpu: bool = False):
     2-process CPU launch silently runs two unconnected single-process jobs. The state
     is a singleton: the first call decides, so every command calls this first.
     """
-    return PartialState(cpu=cpu or not torch.cuda.is_available())
+    return PartialState(cpu=cpu or not torch.cuda.is_available(), timeout=collective_timeout())
+
+
+@functools.cache
+def _monitor_group():
+    # a barrier that says who did not arrive is gloo's (monitored_barrier); NCCL jobs get a
+    # gloo group beside their own, created by every process at its first wait_for_main
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=collective_timeout())
+
+
+def wait_for_main(state, stage: str) -> None:
+    """Every process waits here while the main process does ``stage`` alone. A process
+    that does not arrive within ``collective_timeout()`` (stuck, or dead) fails the
+    others with one line naming the stage, instead of a backend's watchdog dump."""
+    if state.num_processes == 1:
+        return
+    timeout = collective_timeout()
+    try:
+        torch.distributed.monitored_barrier(group=_monitor_group(), timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as e:  # torch's DistBackendError; its text names the ranks, at length
+        raise TimeoutError(f"{stage}: process {state.process_index} waited {timeout} for the others (set "
+                           f"{TIMEOUT_ENV} in minutes); one of them is stuck or died: see its log "
+                           f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def take_job_lock(folder, flag: str, state):
@@ -48,6 +89,22 @@ def take_job_lock(folder, flag: str, state):
     if why[0]:
         raise ValueError(why[0])
     return lock
+
+
+def on_main(state, compute):
+    """``compute()`` on the main process alone; every process gets its result (or its
+    exception, raised on every process alike, so that none waits on a dead one)."""
+    out = [None, None]
+    if state.is_main_process:
+        try:
+            out[0] = compute()
+        except Exception as e:  # noqa: BLE001 (passed on to every process, then raised)
+            out[1] = e
+    if state.num_processes > 1:
+        broadcast_object_list(out)
+    if out[1] is not None:
+        raise out[1]
+    return out[0]
 
 
 def _bind_to_parent(parent_pid: int, _worker_id: int = 0) -> None:

@@ -179,13 +179,15 @@ def size_text(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def check_free_space(folder, needed: int, flag: str) -> None:
+def check_free_space(folder, needed: int, flag: str, why: str = "") -> None:
     """Refuse to start when ``folder`` (or its nearest existing parent) has less free
-    space than the first output needs, instead of failing after the expensive work."""
+    space than the outputs need (``why``: how that was counted), instead of failing
+    after the expensive work."""
     p = Path(folder).resolve()
     while not p.exists():
         p = p.parent
     free = shutil.disk_usage(p).free
     if free < needed:
-        raise ValueError(f"{flag} {folder}: {size_text(free)} free, the first output needs about "
-                         f"{size_text(needed)}")
+        what = f"this run needs about {size_text(needed)} ({needed:,} bytes; {why})" if why else \
+            f"the first output needs about {size_text(needed)}"
+        raise ValueError(f"{flag} {folder}: {size_text(free)} free, {what}")

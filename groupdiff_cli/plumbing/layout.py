@@ -10,8 +10,11 @@
     OUT/                          `sample`
       sample_config.json          the job: a rerun resumes, another job is refused
       samples.npz, labels.npy     ADM-style arr_0 (N, H, W, 3) uint8 and the labels (N,)
+      samples.json                written once samples.npz is joined and read back: the job's
+                                  key, the file's size, the images' sha256 (a rerun stops here)
       grids/, images/             PNGs: 16 images a grid; one per image (--save-images)
-      chunks/chunk_00000.npz      the job's pieces, joined into samples.npz at the end
+      chunks/chunk_00000.npz      the job's pieces, joined into samples.npz at the end, then
+                                  removed (kept with --keep-chunks)
       pool_features.npz           the samples' Inception pool features, kept there by `fid`
     STUDY/                        `study`
       N1/, N4/, ..., baseline/    a sample folder per group size, and the baseline's
@@ -53,6 +56,7 @@ def checkpoint_dir(run_dir, step: int) -> Path:
 
 # a sample folder
 SAMPLE_CONFIG, SAMPLES_FILE, LABELS_FILE = "sample_config.json", "samples.npz", "labels.npy"
+SAMPLES_RECORD = "samples.json"
 POOL_FEATURES = "pool_features.npz"
 GRIDS_DIR, IMAGES_DIR, CHUNKS_DIR = "grids", "images", "chunks"
 

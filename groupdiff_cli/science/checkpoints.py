@@ -7,8 +7,8 @@ A run directory (written by `groupdiff train`)::
 
     RUN/config.json                      {"model": {...}, "train": {...}, "dataset": {...}}
     RUN/metrics.jsonl, RUN/eval.jsonl    one row per logged step
-    RUN/checkpoints/step_0001000/        one directory per checkpoint, renamed into
-        model.safetensors                place only when complete (written as .tmp_*)
+    RUN/checkpoints/step_0001000/        one directory per checkpoint, renamed into place
+        model.safetensors                only when complete and on the disk (.tmp_*, fsync)
         ema.safetensors
         optimizer.pt                     AdamW state (weights_only pickle)
         state.json                       {"step", "data_position", "processes", "param_sums",
@@ -29,12 +29,13 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
 from groupdiff_cli.plumbing.defaults import DEFAULT_VAE, PIXEL, RELEASE_VAE, SD_VAE_SCALE, VAE_DOWNSAMPLING, WEIGHTS
-from groupdiff_cli.plumbing.files import read_json_file, write_json_atomic
+from groupdiff_cli.plumbing.files import read_json_file, size_text, write_json_atomic
 from groupdiff_cli.plumbing.integrity import IntegrityError, file_sha256, load_safetensors, save_safetensors
 from groupdiff_cli.plumbing.torchfiles import load_torch
 from groupdiff_cli.plumbing.layout import (CHECKPOINT_PREFIX, CONFIG_FILE, EMA_FILE, MODEL_FILE, OPTIMIZER_FILE,
@@ -64,19 +65,42 @@ def is_ours(path) -> bool:
     return path.is_dir() or path.suffix == ".safetensors" and path.parent.name.startswith(CHECKPOINT_PREFIX)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict) -> Path:
-    """Write RUN/checkpoints/step_<step> atomically: into a temporary directory, then
-    renamed into place, so a checkpoint is complete or absent."""
+def host_copy(obj, into=None):
+    """``obj`` (a state dict, nested in dicts and lists) with every tensor copied to host
+    memory: the state of this step, fixed while training changes the originals. ``into``:
+    an earlier copy of the same structure whose tensors are reused (no new pages to fault
+    in); a GPU's tensors go to pinned memory, which copies at the bus's full speed."""
+    if torch.is_tensor(obj):
+        obj = obj.detach()
+        if not (torch.is_tensor(into) and into.shape == obj.shape and into.dtype == obj.dtype):
+            into = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        return into.copy_(obj)
+    if isinstance(obj, dict):
+        return {k: host_copy(v, into.get(k) if isinstance(into, dict) else None) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        kept = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(host_copy(v, k) for v, k in zip(obj, kept))
+    return obj
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer: dict, state: dict) -> Path:
+    """Write RUN/checkpoints/step_<step> atomically: into a temporary directory whose
+    files are flushed to the disk (fsync), then renamed into place, so a checkpoint is
+    complete or absent, a crash of the machine included. ``weights``: {file name: state
+    dict} (``MODEL_FILE``, ``EMA_FILE``); ``optimizer``: its state dict."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        for name, net in ((MODEL_FILE, model), (EMA_FILE, ema)):
-            save_safetensors(net.state_dict(), tmp / name)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        for name, tensors in weights.items():
+            save_safetensors(tensors, tmp / name)
+        torch.save(optimizer, tmp / OPTIMIZER_FILE)
         sha = {OPTIMIZER_FILE: file_sha256(tmp / OPTIMIZER_FILE)}
         (tmp / STATE_FILE).write_text(json.dumps(dict(step=step, **state, sha256=sha)))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
     except Exception as e:  # safetensors and torch report a full disk in errors of their own
         shutil.rmtree(tmp, ignore_errors=True)
         if "DataLoader worker" in str(e):  # torch's report of a dead loader worker, raised wherever the step is
@@ -85,7 +109,56 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, state: dict
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)  # the rename itself
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointWriter:
+    """Checkpoints written in the background, one at a time, so that the training loop
+    (and every other process, which does not wait at all) pays only for a copy of the
+    state to host memory. ``submit`` waits for the write in flight, copies the state,
+    and returns; the write, its checksums and the pruning of old checkpoints happen in a
+    thread. ``wait`` returns once the last one is on disk and raises its error, if any:
+    the end of a run and the stop path call it before the process exits. Host memory:
+    one extra copy of the checkpoint while it is written."""
+
+    def __init__(self, run_dir: Path, keep_last: int, keep_every: int | None):
+        self.run_dir, self.keep_last, self.keep_every = run_dir, keep_last, keep_every
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._host: tuple = (None, None)  # the last copy, whose memory the next one reuses
+
+    def submit(self, step: int, model, ema, optimizer, state: dict) -> None:
+        self.wait()
+        weights = host_copy({MODEL_FILE: model.state_dict(), EMA_FILE: ema.state_dict()}, self._host[0])
+        self._host = (weights, host_copy(optimizer.state_dict(), self._host[1]))
+        args = (step, *self._host, state)
+        # not a daemon: an exception in the loop still lets the interpreter finish the write
+        self._thread = threading.Thread(target=self._write, args=args, name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def _write(self, step: int, weights: dict, optimizer: dict, state: dict) -> None:
+        try:
+            save_checkpoint(self.run_dir, step, weights, optimizer, state)
+            prune_checkpoints(self.run_dir, self.keep_last, self.keep_every)
+        except BaseException as e:  # noqa: BLE001 (raised in the training thread by ``wait``)
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _write_error(e: Exception, path: Path) -> OSError:
@@ -105,6 +178,23 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int | None) -> 
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last else []:
         if not (keep_every and checkpoint_step(old) % keep_every == 0):
             shutil.rmtree(old)
+
+
+def checkpoint_space(run_dir: Path, per_checkpoint: int, step: int, max_steps: int, ckpt_every: int,
+                     keep_last: int, keep_every: int | None) -> tuple[int, str]:
+    """The disk space this run's checkpoints still need at their peak (bytes), and why.
+
+    Old checkpoints are pruned only once the new one is complete, so at a save the disk
+    holds ``keep_last`` checkpoints, the one being written, and every one kept by
+    ``keep_every``; those already on disk need nothing more."""
+    on_disk = checkpoint_dirs(run_dir) if checkpoints_dir(run_dir).is_dir() else []
+    future = [s for s in range(step + 1, max_steps + 1) if s % ckpt_every == 0 or s == max_steps]
+    kept = {s for s in [*map(checkpoint_step, on_disk), *future] if keep_every and s % keep_every == 0}
+    peak = len(on_disk) + len(future) if not keep_last else min(keep_last + 1 + len(kept),
+                                                                 len(on_disk) + len(future))
+    why = (f"{peak} checkpoints of {size_text(per_checkpoint)} at once: --keep-last {keep_last}, the one being "
+           f"written, {len(kept)} kept by --keep-every" + (f", {len(on_disk)} on disk already" if on_disk else ""))
+    return max(0, peak - len(on_disk)) * per_checkpoint, why
 
 
 def load_training_state(ckpt: Path, model, ema, optimizer) -> int:
