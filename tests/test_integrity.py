@@ -134,8 +134,6 @@ def test_the_disk_check_counts_every_checkpoint_that_will_coexist(tmp_path, monk
     one_line(res, 2, "--results-dir", f"this run needs about", f"({3 * per:,} bytes", "3 checkpoints",
              "--keep-last 2, the one being written, 0 kept by --keep-every")
     assert not (tmp_path / "r" / "SiT-Ti-2-l4" / "checkpoints").exists()
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * per))
-    assert cli(*train_args(data, tmp_path / "r", "--max-steps", "6")).exit_code == 0
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch"])
