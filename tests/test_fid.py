@@ -325,7 +325,8 @@ def test_adm_style_reference_and_saved_stats_reproduce_fid(data, tmp_path, monke
     # the reference batch's pool features (for precision/recall) are kept in the user cache,
     # keyed by the file's and the network's sha256: the next run does not extract them, and a
     # damaged copy is extracted again with a note, the numbers unchanged
-    kept = list((tmp_path / "cache" / "groupdiff" / "references").glob("*.npz"))
+    kept = [p for p in (tmp_path / "cache" / "groupdiff" / "references").glob("*.npz")
+            if not p.name.endswith("-stats.npz")]  # (those: the statistics of image references)
     assert [p.name[:16] for p in kept] == [file_sha256(d / "VIRTUAL_ref.npz")[:16]]
     calls = []
     real = fid.extract_features
@@ -393,7 +394,9 @@ def test_one_evaluator_extracts_each_set_once_and_pairs_as_fid_does(data, tmp_pa
     first = evaluator.paired_difference(a, b, 4, 2)
     again = evaluator.paired_difference(a, b, 4, 2)
     assert evaluator.fid(b) == pytest.approx(first["other_fid"])
-    assert built == [1] and calls == ["reference", "samples", "samples"]  # the network and each set once
+    # the network once and each set once; the reference's statistics come from the cache the
+    # first evaluation above left (keyed by its images and the network)
+    assert built == [1] and calls == ["samples", "samples"]
     paired = report["metrics"]["fid_paired"]
     for key in ("difference", "other_fid", "ci95", "std"):
         assert first[key] == pytest.approx(paired[key], rel=1e-9) and again[key] == first[key]
@@ -421,6 +424,7 @@ def test_paired_with_refuses_sets_that_do_not_pair(data, tmp_path, case):
 
 def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_suffice(data, tmp_path,
                                                                                        monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     d = data["dir"]
     a = _sample_dir(tmp_path / "a", data["samples"], np.zeros(8, np.int64))
     ext = inception.InceptionFeatures(data["weights"])
@@ -433,7 +437,13 @@ def test_a_sample_folder_keeps_its_pool_features_and_reuses_them_only_when_they_
     real = inception.extract_features
     monkeypatch.setattr(fid, "extract_features", lambda images, **k: calls.append(k["desc"]) or real(images, **k))
     again = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
-    assert again["metrics"] == pytest.approx(fresh["metrics"], rel=1e-5) and calls == ["reference"]
+    assert again["metrics"] == pytest.approx(fresh["metrics"], rel=1e-5) and calls == []  # the reference: cached
+    stats = next((inception.cache_dir() / "references").glob("*-stats.npz"))
+    stats.write_bytes(stats.read_bytes()[:-40] + bytes(40))  # damaged: extracted again, with a note
+    damaged = fid.evaluate(a, d / "ref.npz", ("fid", "prc"), extractor=ext, cpu=True)
+    assert damaged["metrics"] == pytest.approx(fresh["metrics"], rel=1e-5) and calls == ["reference"]
+    assert any(str(stats) in n and "recomputed" in n for n in damaged["notes"])
+    calls.clear()
     fid.evaluate(a, d / "ref.npz", ("fid", "sfid"), extractor=ext, cpu=True)  # sFID needs the network
     assert calls[-1] == "samples"
 

@@ -14,8 +14,8 @@ import torch
 from groupdiff_cli import __version__
 from groupdiff_cli.evaluation.images import NpzImages, npz_keys, npz_member, open_images, recorded_group_size
 from groupdiff_cli.evaluation.inception import (POOL_DIM, SPATIAL_DIM, Features, InceptionFeatures, cache_dir,
-                                                extract_features, load_pool_features, private_folder,
-                                                save_pool_features)
+                                                extract_features, images_sha256, load_pool_features,
+                                                private_folder, save_pool_features)
 from groupdiff_cli.evaluation.metrics import (PRC_K, FrechetDistance, bootstrap_fid, gaussian_stats, inception_score,
                                               kernel_inception_distance, paired_fid_difference, precision_recall,
                                               resampled_fids)
@@ -162,7 +162,9 @@ class Evaluator:
                                 num_workers=self.num_workers, state=self.state, desc=desc)
 
     def _read_reference(self) -> Reference:
-        """Read from a stats file, or computed from the images (and saved to ``save_ref_stats``)."""
+        """Read from a stats file, or computed from the images (and saved to ``save_ref_stats``).
+        The statistics of images are kept in the user cache under the images' sha256 and the
+        network's, so the next run against the same images skips the network."""
         if is_stats_file(self.ref_path):
             ref = load_reference_stats(self.ref_path)
             for name, arr, dim in (("mu", ref.mu, POOL_DIM), ("mu_s", ref.mu_s, SPATIAL_DIM)):
@@ -173,25 +175,54 @@ class Evaluator:
         images = open_images(self.ref_path)
         if len(images) < 2:
             raise ValueError(f"{self.ref_path}: {len(images)} image(s); a reference needs at least 2")
-        feats = self.features(self.ref_path, images, pool_only=self._ref_features is not None, desc="reference",
-                              cache=self._ref_features)
-        ref = reference_from_features(str(self.ref_path), feats)
+        ref, cache = None, None
+        if self._ref_features is None:  # (the demo passes the shipped features instead)
+            key = images_sha256(images)
+            cache = self._cache_file(f"{key[:16]}-{self.extractor.weights['sha256'][:16]}-stats.npz")
+            ref = self._cached_reference(cache, key)
+        if ref is None:
+            feats = self.features(self.ref_path, images, pool_only=self._ref_features is not None,
+                                  desc="reference", cache=self._ref_features)
+            ref = reference_from_features(str(self.ref_path), feats)
+            self._keep(ref, cache)
         if self._save and self.state.is_main_process:
             save_reference(ref, self._save)
         return ref
 
+    def _cache_file(self, name: str) -> Path | None:
+        """``name`` in the user cache's reference folder (private to the user), or None with
+        a note when it cannot be made."""
+        try:
+            return private_folder(private_folder(cache_dir()) / "references") / name
+        except OSError as e:
+            self.notes.append(f"reference features are not cached ({e.strerror or e}): set XDG_CACHE_HOME to a "
+                              f"writable folder to keep them")
+            return None
+
+    def _cached_reference(self, cache: Path | None, key: str) -> Reference | None:
+        if cache is None or not cache.is_file():
+            return None
+        try:
+            ref = load_reference_stats(cache)
+        except (IntegrityError, ValueError) as e:
+            self.notes.append(f"{e}: recomputed")
+            return None
+        ref.source, ref.sha256 = str(self.ref_path), key
+        return ref
+
+    def _keep(self, ref: Reference, cache: Path | None) -> None:
+        if cache is not None and self.state.is_main_process:
+            try:
+                save_reference(ref, cache)
+            except OSError as e:
+                self.notes.append(f"reference statistics not kept in {cache} ({e.strerror or e}); the metrics are "
+                                  f"unaffected")
+
     def _reference_pool(self, ref: Reference) -> np.ndarray:
         """The pool features of a reference batch's images (ADM's batches store none, and
         precision/recall need them): extracted once, then kept in the user cache under the
-        file's sha256 and the network's, checksummed; a cache that cannot be made is
-        skipped with a note."""
-        try:
-            folder = private_folder(private_folder(cache_dir()) / "references")
-            cache = folder / f"{ref.sha256[:16]}-{self.extractor.weights['sha256'][:16]}.npz"
-        except OSError as e:
-            self.notes.append(f"the reference's pool features are not cached ({e.strerror or e}): set XDG_CACHE_HOME "
-                              f"to a writable folder to keep them")
-            cache = None
+        file's sha256 and the network's, checksummed."""
+        cache = self._cache_file(f"{ref.sha256[:16]}-{self.extractor.weights['sha256'][:16]}.npz")
         return self.features(self.ref_path, ref.images, desc="reference images", cache=cache, keep=True).pool
 
     def features(self, path, images=None, pool_only: bool = True, desc: str = "samples", cache=None,
